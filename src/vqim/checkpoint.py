@@ -1,0 +1,104 @@
+"""Checkpoint files: weights in safetensors, configuration in JSON, every write atomic.
+
+A file is written beside its destination under a temporary name, flushed to disk, then moved into place
+with `os.replace`, so a reader never sees half a file, even if the writer is killed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call write(tmp_path), then move tmp_path onto path atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write obj as indented JSON, atomically."""
+
+    def _w(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    atomic_write(path, _w)
+
+
+def read_json(path: str | os.PathLike, what: str = "file") -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} {path} is not valid JSON: {e}") from e
+
+
+def save_tensors(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict | None = None
+) -> None:
+    """Save a flat dict of tensors as safetensors, atomically."""
+    flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=metadata))
+
+
+def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Load a safetensors file (never unpickles)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    return load_file(str(path), device=str(device))
+
+
+def save_model_dir(
+    directory: str | os.PathLike, kind: str, config: dict, state: dict[str, torch.Tensor]
+) -> None:
+    """Write `config.json` and `model.safetensors` into directory (the `save_pretrained` layout)."""
+    from vqim import __version__
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_tensors(directory / WEIGHTS_NAME, state, metadata={"vqim_type": kind})
+    write_json(directory / CONFIG_NAME, {"vqim_type": kind, "vqim_version": __version__, **config})
+
+
+def load_model_dir(
+    directory: str | os.PathLike, kind: str, device: str | torch.device = "cpu"
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read a `save_pretrained` directory; returns (config dict without vqim_* keys, state dict)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(
+            f"{kind} directory not found: {directory} (expected a folder written by save_pretrained, "
+            f"holding {CONFIG_NAME} and {WEIGHTS_NAME})"
+        )
+    cfg = read_json(directory / CONFIG_NAME, what=f"{kind} config")
+    found = cfg.get("vqim_type")
+    if found != kind:
+        raise ValueError(f"{directory} holds a {found!r} checkpoint, not a {kind!r}")
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("vqim_")}
+    return cfg, load_tensors(directory / WEIGHTS_NAME, device)

@@ -1,0 +1,291 @@
+"""`vqim` command line: thin subcommands over the library functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("vqim")
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _json_out(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True))
+
+
+# ---------------------------------------------------------------------------------------------- train
+def add_train_tokenizer(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train-tokenizer", help="train a tokenizer (CPU, GPU, or `accelerate launch`)")
+    p.add_argument("--preset", default="vit-vqgan-tiny", help="tokenizer preset (see `vqim presets`)")
+    p.add_argument("--data", required=True, help="image folder, .npy/.npz array, or built-in: photos")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=16, help="global batch, summed over processes")
+    p.add_argument("--image-size", type=int, default=None, help="override the preset's image size")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (paper: 1e-4)")
+    p.add_argument("--warmup-steps", type=int, default=None, help="default: 10%% of --steps")
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--image-every", type=int, default=500)
+    p.add_argument("--ckpt-every", type=int, default=500)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--mixed-precision", choices=["auto", "no", "bf16"], default="auto")
+    p.add_argument("--no-progress", action="store_true")
+    m = p.add_argument_group("model overrides")
+    m.add_argument("--patch-size", type=int)
+    m.add_argument("--codebook-size", type=int)
+    m.add_argument("--lookup-dim", type=int)
+    m.add_argument("--l2-norm", dest="l2_norm", action=argparse.BooleanOptionalAction, default=None)
+    m.add_argument("--codebook-init", choices=["normal", "data"])
+    m.add_argument("--dead-code-window", type=int, help="restart codes unused for N steps (0: off)")
+    m.add_argument("--logit-laplace", action=argparse.BooleanOptionalAction, default=None)
+    m.add_argument("--pos-embed", choices=["learned", "sincos"])
+    p.set_defaults(func=cmd_train_tokenizer)
+
+
+def model_overrides(a: argparse.Namespace) -> dict[str, Any]:
+    keys = {
+        "image_size": a.image_size, "patch_size": a.patch_size, "codebook_size": a.codebook_size,
+        "lookup_dim": a.lookup_dim, "l2_norm": a.l2_norm, "codebook_init": a.codebook_init,
+        "dead_code_window": a.dead_code_window, "logit_laplace": a.logit_laplace, "pos_embed": a.pos_embed,
+    }  # fmt: skip
+    return {k: v for k, v in keys.items() if v is not None}
+
+
+def cmd_train_tokenizer(a: argparse.Namespace) -> None:
+    from vqim.train.tokenizer import TokenizerTrainConfig, train_tokenizer
+
+    cfg = TokenizerTrainConfig(
+        out=a.out, data=a.data, preset=a.preset, model=model_overrides(a), steps=a.steps,
+        batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup_steps, weight_decay=a.weight_decay,
+        grad_clip=a.grad_clip, seed=a.seed, num_workers=a.num_workers, log_every=a.log_every,
+        image_every=a.image_every, ckpt_every=a.ckpt_every, resume=a.resume,
+        mixed_precision=a.mixed_precision, progress=not a.no_progress,
+    )  # fmt: skip
+    summary = train_tokenizer(cfg)
+    if summary.get("skipped_files"):
+        log.warning("skipped %d unreadable files (listed in %s)", summary["skipped_files"],
+                    Path(a.out) / "train_summary.json")  # fmt: skip
+    log.info("tokenizer written to %s", a.out)
+
+
+# ---------------------------------------------------------------------------------------------- use
+def _load_tokenizer(path: str, device: str):
+    from vqim.tokenizer import Tokenizer
+
+    return Tokenizer.from_pretrained(path, device=device)
+
+
+def cmd_reconstruct(a: argparse.Namespace) -> None:
+    import numpy as np
+    import torch
+    from torchvision.utils import save_image
+
+    from vqim.checkpoint import atomic_write
+    from vqim.data import load_rgb, resize_shorter, to_tensor
+    from vqim.metrics import psnr
+
+    device = _device(a.device)
+    tok = _load_tokenizer(a.tokenizer, device)
+    size = a.size or tok.config.image_size
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {}
+    for path in a.images:
+        try:
+            im = resize_shorter(load_rgb(path), size)
+        except FileNotFoundError:
+            raise SystemExit(f"error: image not found: {path}") from None
+        except Exception as e:  # noqa: BLE001
+            log.warning("skipping unreadable image %s (%s)", path, e)
+            continue
+        arr = np.asarray(im)
+        h, w = arr.shape[:2]
+        top, left = (h - size) // 2, (w - size) // 2
+        x = to_tensor(arr[top : top + size, left : left + size])[None].to(device)
+        with torch.no_grad():
+            rec = tok.decode(tok.encode(x))
+        name = Path(path).stem
+        pair = torch.cat([x, rec], dim=3)[0].cpu()
+        atomic_write(
+            out / f"{name}_reconstruction.png", lambda tmp, pair=pair: save_image(pair, tmp, format="png")
+        )
+        result[str(path)] = {
+            "psnr": round(float(psnr(rec, x)[0]), 3),
+            "png": str(out / f"{name}_reconstruction.png"),
+        }
+    _json_out(result)
+
+
+def cmd_encode(a: argparse.Namespace) -> None:
+    from vqim.data import build_dataset
+    from vqim.tokens import encode_dataset
+
+    device = _device(a.device)
+    tok = _load_tokenizer(a.tokenizer, device)
+    ds = build_dataset(a.data, a.image_size or tok.config.image_size, train=False)
+    manifest = encode_dataset(
+        tok, ds, a.out, batch_size=a.batch_size, shard_size=a.shard_size, num_workers=a.num_workers,
+        device=device, progress=not a.no_progress,
+    )  # fmt: skip
+    _json_out(
+        {
+            k: manifest[k]
+            for k in ("count", "grid_size", "codebook_size", "tokenizer_config_hash", "skipped_files")
+        }
+    )
+
+
+def cmd_decode(a: argparse.Namespace) -> None:
+    import torch
+    from torchvision.utils import save_image
+
+    from vqim.checkpoint import atomic_write
+    from vqim.tokens import load_ids
+
+    device = _device(a.device)
+    tok = _load_tokenizer(a.tokenizer, device)
+    ids = torch.from_numpy(load_ids(a.ids).astype("int64"))
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for start in range(0, ids.shape[0], a.batch_size):
+        images = tok.decode(ids[start : start + a.batch_size].to(device)).cpu()
+        for i, im in enumerate(images):
+            atomic_write(out / f"{start + i:06d}.png", lambda tmp, im=im: save_image(im, tmp, format="png"))
+            n += 1
+    _json_out({"images": n, "out": str(out)})
+
+
+def cmd_eval_tokenizer(a: argparse.Namespace) -> None:
+    from vqim.checkpoint import write_json
+    from vqim.data import build_dataset
+    from vqim.evaluate import evaluate_tokenizer, usage_histogram_png
+
+    device = _device(a.device)
+    tok = _load_tokenizer(a.tokenizer, device)
+    ds = build_dataset(a.data, a.image_size or tok.config.image_size, train=False)
+    res = evaluate_tokenizer(tok, ds, a.batch_size, a.num_workers, device, progress=not a.no_progress)
+    counts = res.pop("_counts")
+    if a.out:
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "metrics.json", res)
+        usage_histogram_png(counts, out / "usage_histogram.png")
+    _json_out(res)
+
+
+def add_use_commands(sub: argparse._SubParsersAction) -> None:
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--tokenizer", required=True, help="folder written by save_pretrained / train-tokenizer"
+        )
+        p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
+
+    p = sub.add_parser("reconstruct", help="side-by-side reconstructions of images, with PSNR")
+    common(p)
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--out", required=True)
+    p.add_argument("--size", type=int, default=None, help="center-crop side (default: the tokenizer's)")
+    p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser("encode", help="encode a dataset to token shards + manifest")
+    common(p)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--shard-size", type=int, default=8192)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("decode", help="decode a .npy of token ids (n, h, w) to PNGs")
+    common(p)
+    p.add_argument("ids", help=".npy file of integer ids")
+    p.add_argument("--out", required=True)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=cmd_decode)
+
+    p = sub.add_parser("eval-tokenizer", help="reconstruction metrics and codebook usage as JSON")
+    common(p)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", default=None, help="also write metrics.json and usage_histogram.png here")
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_eval_tokenizer)
+
+
+def cmd_presets(a: argparse.Namespace) -> None:
+    import torch
+
+    from vqim.config import get_tokenizer_config, tokenizer_presets
+    from vqim.tokenizer import Tokenizer
+
+    rows = {}
+    for name in tokenizer_presets():
+        with torch.device("meta"):
+            tok = Tokenizer(get_tokenizer_config(name))
+        rows[name] = {
+            "params_M": {k: round(v / 1e6, 2) for k, v in tok.num_params().items()},
+            **tok.config.to_dict(),
+        }
+    _json_out(rows)
+
+
+def cmd_demo(a: argparse.Namespace) -> None:
+    from vqim.demo import run_demo
+
+    m = run_demo(a.out, steps=a.steps, progress=not a.no_progress)
+    _json_out({k: m[k] for k in ("psnr", "ssim", "usage", "codes_used", "perplexity", "train_seconds")})
+    print(f"demo report: {Path(a.out) / 'index.html'}  (tokenizer: {m['tokenizer']})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vqim", description="Vector-quantized image modeling.")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_train_tokenizer(sub)
+    add_use_commands(sub)
+    p = sub.add_parser("presets", help="list model presets with parameter counts")
+    p.set_defaults(func=cmd_presets)
+    p = sub.add_parser("demo", help="train and evaluate the tiny tokenizer on the built-in photos")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        args.func(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

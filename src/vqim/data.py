@@ -1,0 +1,363 @@
+"""Image datasets: folders, arrays, and the built-in `photos`.
+
+Every dataset returns dicts {"image": float (3, S, S) in [0, 1], "label": int (-1 if none), "skipped": [paths]}.
+A file that cannot be read is skipped with a warning and reported in "skipped" so that the training loop
+can count it across DataLoader workers; in training the next readable image takes its place (the batch
+keeps its size), in evaluation it is dropped (no image is counted twice).
+
+Training augmentation is a pure function of (seed, position in the sample stream), so a resumed run and a
+run split over several processes see exactly the same crops as one uninterrupted process.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+BUILTIN = ("photos",)
+
+# Whole photographs bundled with scikit-image (file names in skimage's data directory). The evaluation
+# photographs are never seen in training. motorcycle_left/right are a stereo pair, so both stay in training.
+PHOTOS_TRAIN = (
+    "astronaut.png", "coffee.png", "hubble_deep_field.jpg", "ihc.png", "motorcycle_left.png",
+    "motorcycle_right.png", "retina.jpg", "coins.png", "moon.png", "grass.png", "gravel.png", "brick.png",
+    "page.png", "clock_motion.png",
+)  # fmt: skip
+PHOTOS_EVAL = ("chelsea.png", "rocket.jpg", "camera.png")
+
+_MAX_SUBSTITUTIONS = 50
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Open and fully decode an image file as RGB; raises on a corrupt or truncated file."""
+    with Image.open(path) as im:
+        im.load()  # decode now: truncated files fail here, not later
+        return im.convert("RGB")
+
+
+def resize_shorter(im: Image.Image, size: int) -> Image.Image:
+    """Resize so that the shorter side equals size (bicubic, antialiased)."""
+    w, h = im.size
+    s = size / min(w, h)
+    if s == 1:
+        return im
+    return im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+
+
+def to_tensor(arr: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 → (3, H, W) float in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div_(255)
+
+
+def _crop(arr: np.ndarray, size: int, rng: np.random.Generator | None, flip: bool) -> np.ndarray:
+    h, w = arr.shape[:2]
+    if rng is None:  # center crop
+        top, left = (h - size) // 2, (w - size) // 2
+    else:
+        top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+    out = arr[top : top + size, left : left + size]
+    if flip and rng is not None and rng.random() < 0.5:
+        out = out[:, ::-1]
+    return out
+
+
+class _Base(Dataset, abc.ABC):
+    """Shared item logic: `key` is an index or (index, augmentation seed) from `StepSampler`."""
+
+    def __init__(self, image_size: int, train: bool, seed: int) -> None:
+        self.image_size = image_size
+        self.train = train
+        self.seed = seed
+        self.class_names: list[str] | None = None
+
+    @abc.abstractmethod
+    def _load(self, index: int, rng: np.random.Generator | None) -> tuple[np.ndarray, int]:
+        """Item index as (H, W, 3) uint8 S×S crop and its label; raises when unreadable."""
+
+    def _name(self, index: int) -> str:
+        return f"item {index}"
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index, aug = (key, key) if isinstance(key, int) else key
+        rng = np.random.default_rng([self.seed, aug]) if self.train else None
+        skipped: list[str] = []
+        n = len(self)
+        for attempt in range(_MAX_SUBSTITUTIONS):
+            i = (index + attempt) % n
+            try:
+                arr, label = self._load(i, rng)
+            except Exception as e:  # noqa: BLE001 - any decoding failure means "skip this file"
+                name = self._name(i)
+                log.warning("skipping unreadable image %s (%s: %s)", name, type(e).__name__, e)
+                skipped.append(name)
+                if not self.train:
+                    return {"image": None, "label": -1, "skipped": skipped}
+                continue
+            return {"image": to_tensor(arr), "label": label, "skipped": skipped}
+        raise RuntimeError(
+            f"{_MAX_SUBSTITUTIONS} consecutive images could not be read (last: {skipped[-1]}); "
+            "check the dataset for corrupt files"
+        )
+
+
+class ImageFolderDataset(_Base):
+    """All images under a folder, recursively (jpg, png, webp, bmp; any PIL mode → RGB).
+
+    When every image sits in a first-level sub-folder, the sub-folder names are the classes.
+
+    Args:
+        root: the folder.
+        image_size: output side S. The shorter side is resized to S, then a random crop and flip (train)
+            or a center crop (eval) gives S×S.
+        train: training augmentation or deterministic evaluation crops.
+        seed: augmentation seed.
+    """
+
+    def __init__(self, root: str | os.PathLike, image_size: int, train: bool = True, seed: int = 0) -> None:
+        super().__init__(image_size, train, seed)
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder not found: {self.root}")
+        self.files = sorted(
+            p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        )
+        if not self.files:
+            raise ValueError(
+                f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {self.root}; "
+                "point --data at a folder of images, a .npy/.npz array, or a built-in dataset "
+                f"({', '.join(BUILTIN)})"
+            )
+        rel = [p.relative_to(self.root).parts for p in self.files]
+        if all(len(r) >= 2 for r in rel):
+            self.class_names = sorted({r[0] for r in rel})
+            index = {c: i for i, c in enumerate(self.class_names)}
+            self.labels = [index[r[0]] for r in rel]
+        else:
+            self.labels = [-1] * len(self.files)
+        self._check_readable()
+
+    def _check_readable(self) -> None:
+        for p in self.files:
+            try:
+                load_rgb(p)
+                return
+            except Exception as e:  # noqa: BLE001
+                log.warning("skipping unreadable image %s (%s: %s)", p, type(e).__name__, e)
+        raise ValueError(
+            f"no readable image in {self.root}: all {len(self.files)} image files failed to decode"
+        )
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _name(self, index: int) -> str:
+        return str(self.files[index])
+
+    def _load(self, index: int, rng: np.random.Generator | None) -> tuple[np.ndarray, int]:
+        im = resize_shorter(load_rgb(self.files[index]), self.image_size)
+        return _crop(np.asarray(im), self.image_size, rng, flip=True), self.labels[index]
+
+
+class ArrayDataset(_Base):
+    """Images from a .npy array, or a .npz with an `images` array (and optional `labels`).
+
+    Accepted layouts: (N, H, W, 3), (N, 3, H, W) or (N, H, W) grayscale; uint8 in [0, 255] or float in [0, 1].
+    Loaded with allow_pickle=False.
+    """
+
+    def __init__(self, path: str | os.PathLike, image_size: int, train: bool = True, seed: int = 0) -> None:
+        super().__init__(image_size, train, seed)
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"array file not found: {self.path}")
+        try:
+            data = np.load(self.path, allow_pickle=False)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"could not read {self.path} as a numpy array file: {e}") from e
+        labels = None
+        if isinstance(data, np.lib.npyio.NpzFile):
+            if "images" not in data.files:
+                raise ValueError(f"{self.path} has arrays {data.files}; expected one named 'images'")
+            images = data["images"]
+            labels = data["labels"] if "labels" in data.files else None
+        else:
+            images = data
+        self.images = _to_uint8_hwc(images, str(self.path))
+        self.labels = [-1] * len(self.images) if labels is None else [int(v) for v in labels]
+        if len(self.labels) != len(self.images):
+            raise ValueError(f"{self.path}: {len(self.labels)} labels for {len(self.images)} images")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _load(self, index: int, rng: np.random.Generator | None) -> tuple[np.ndarray, int]:
+        im = resize_shorter(Image.fromarray(self.images[index]), self.image_size)
+        return _crop(np.asarray(im), self.image_size, rng, flip=True), self.labels[index]
+
+
+def _to_uint8_hwc(images: np.ndarray, name: str) -> np.ndarray:
+    if images.ndim == 3:
+        images = np.repeat(images[..., None], 3, axis=-1)
+    if images.ndim != 4:
+        raise ValueError(f"{name}: expected images of shape (N, H, W, 3) or (N, 3, H, W), got {images.shape}")
+    if images.shape[-1] != 3 and images.shape[1] == 3:
+        images = images.transpose(0, 2, 3, 1)
+    if images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
+    if images.shape[-1] != 3:
+        raise ValueError(f"{name}: expected 3 colour channels, got shape {images.shape}")
+    if len(images) == 0:
+        raise ValueError(f"{name}: the array holds no images")
+    if images.dtype != np.uint8:
+        if not np.issubdtype(images.dtype, np.floating):
+            raise ValueError(f"{name}: expected uint8 or float images, got dtype {images.dtype}")
+        images = (np.clip(images, 0, 1) * 255 + 0.5).astype(np.uint8)
+    return np.ascontiguousarray(images)
+
+
+def photos_dir() -> Path:
+    import skimage
+
+    return Path(skimage.__file__).parent / "data"
+
+
+class PhotosDataset(_Base):
+    """Built-in photographs from scikit-image, a fixed split of whole photographs.
+
+    Each photograph is resized so that its shorter side is `scale`·image_size (default 4×). Training draws
+    random crops (and flips) from the training photographs; evaluation tiles each held-out photograph into
+    non-overlapping image_size crops, a fixed set.
+
+    Args:
+        image_size: crop side S.
+        train: training photographs with random crops, or held-out photographs tiled.
+        seed: augmentation seed.
+        scale: shorter side of each photograph in units of S.
+        samples_per_epoch: length of the training stream's epoch.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        train: bool = True,
+        seed: int = 0,
+        scale: int = 4,
+        samples_per_epoch: int = 4096,
+    ) -> None:
+        super().__init__(image_size, train, seed)
+        root = photos_dir()
+        names = PHOTOS_TRAIN if train else PHOTOS_EVAL
+        self.photos = []
+        for n in names:
+            im = resize_shorter(load_rgb(root / n), scale * image_size)
+            self.photos.append(np.asarray(im))
+        if train:
+            self.length = samples_per_epoch
+        else:
+            s = image_size
+            self.tiles = []
+            for k, arr in enumerate(self.photos):
+                h, w = arr.shape[:2]
+                oy, ox = (h % s) // 2, (w % s) // 2
+                self.tiles += [(k, oy + y * s, ox + x * s) for y in range(h // s) for x in range(w // s)]
+            self.length = len(self.tiles)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _load(self, index: int, rng: np.random.Generator | None) -> tuple[np.ndarray, int]:
+        s = self.image_size
+        if rng is None:
+            k, y, x = self.tiles[index]
+            return self.photos[k][y : y + s, x : x + s], -1
+        # Photographs are drawn in proportion to their area, so every region is equally likely.
+        areas = np.array([a.shape[0] * a.shape[1] for a in self.photos], dtype=np.float64)
+        k = int(rng.choice(len(self.photos), p=areas / areas.sum()))
+        return _crop(self.photos[k], s, rng, flip=True), -1
+
+
+def build_dataset(spec: str, image_size: int, train: bool = True, seed: int = 0) -> _Base:
+    """Dataset from a spec: a built-in name (`photos`), a folder of images, or a .npy / .npz file.
+
+    Args:
+        spec: what `--data` names.
+        image_size: output side.
+        train: training stream (random crops, flips) or evaluation set (deterministic).
+        seed: augmentation seed.
+    """
+    if spec == "photos":
+        return PhotosDataset(image_size, train=train, seed=seed)
+    p = Path(spec)
+    if p.is_dir():
+        return ImageFolderDataset(p, image_size, train=train, seed=seed)
+    if p.suffix.lower() in (".npy", ".npz"):
+        return ArrayDataset(p, image_size, train=train, seed=seed)
+    if not p.exists():
+        raise FileNotFoundError(
+            f"--data {spec!r} is neither a built-in dataset ({', '.join(BUILTIN)}) nor an existing "
+            "folder or .npy/.npz file"
+        )
+    raise ValueError(f"--data {spec!r}: expected a folder of images or a .npy/.npz file")
+
+
+def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack images and labels; drop items whose image could not be read; gather skipped paths."""
+    skipped = [s for it in items for s in it["skipped"]]
+    kept = [it for it in items if it["image"] is not None]
+    images = torch.stack([it["image"] for it in kept]) if kept else torch.empty(0)
+    labels = torch.tensor([it["label"] for it in kept], dtype=torch.long)
+    return {"image": images, "label": labels, "skipped": skipped}
+
+
+class StepSampler(Sampler):
+    """Infinite, resumable sample stream split across processes.
+
+    Step s consumes stream positions [s·B, (s+1)·B) of a global batch B; process r takes the r-th contiguous
+    slice of B / world. Position t maps to item perm_e[t mod n] of epoch e = t // n, where perm_e is a
+    permutation seeded by (seed, e), and to augmentation seed t. So a run resumed at step s, or split over
+    several processes, sees exactly the samples of one uninterrupted process.
+
+    Args:
+        n: dataset length.
+        global_batch: B, summed over processes.
+        rank, world: this process and the number of processes.
+        seed: shuffling seed.
+        start_step: first step to produce.
+    """
+
+    def __init__(
+        self, n: int, global_batch: int, rank: int = 0, world: int = 1, seed: int = 0, start_step: int = 0
+    ) -> None:
+        if global_batch % world:
+            raise ValueError(f"batch size {global_batch} is not divisible by the number of processes {world}")
+        self.n, self.global_batch, self.rank, self.world = n, global_batch, rank, world
+        self.seed, self.start_step = seed, start_step
+        self.local = global_batch // world
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, 7919, epoch]).permutation(self.n)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        step = self.start_step
+        cache: dict[int, np.ndarray] = {}
+        while True:
+            start = step * self.global_batch + self.rank * self.local
+            for t in range(start, start + self.local):
+                e = t // self.n
+                if e not in cache:
+                    cache.clear()
+                    cache[e] = self._perm(e)
+                yield int(cache[e][t % self.n]), t
+            step += 1

@@ -1,0 +1,197 @@
+"""One pre-norm Transformer block for the ViT encoder, the ViT decoder and the causal prior.
+
+Attention uses `torch.nn.functional.scaled_dot_product_attention`, which picks a fused kernel
+(flash / memory-efficient on GPU, a fused CPU kernel otherwise). An optional `KVCache` lets the
+causal prior decode one token at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class KVCache:
+    """Per-layer key/value cache preallocated for `max_len` positions.
+
+    Args:
+        batch_size: rows decoded together.
+        max_len: longest sequence the cache holds.
+        heads, head_dim: attention geometry.
+        device, dtype: where the cache lives.
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        max_len: int,
+        heads: int,
+        head_dim: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        shape = (batch_size, heads, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, H, T, hd) after the cached positions; return all keys and values so far."""
+        t = k.shape[2]
+        end = self.length + t
+        if end > self.k.shape[2]:
+            raise ValueError(f"KV cache overflow: {end} positions > capacity {self.k.shape[2]}")
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention.
+
+    Args:
+        dim: model width D.
+        heads: number of heads; D must be divisible by it.
+        dropout: attention-probability and output dropout.
+        causal: mask future positions (the prior) or not (ViT encoder/decoder).
+    """
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0, causal: bool = False) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.causal = causal
+        self.dropout = dropout
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        b, n, d = x.shape  # (B, N, D)
+        qkv = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, H, N, hd)
+        drop = self.dropout if self.training else 0.0
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=self.causal)
+        else:
+            past = cache.length
+            k, v = cache.append(k, v)
+            if n == 1 or not self.causal:
+                # A single new query may attend to every cached position.
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+            else:
+                # Prefill of n tokens after `past` cached ones: query i sees keys 0 .. past + i.
+                mask = torch.ones(n, past + n, dtype=torch.bool, device=x.device).tril(diagonal=past)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+        y = y.transpose(1, 2).reshape(b, n, d)
+        return self.proj_drop(self.proj(y))
+
+
+class MLP(nn.Module):
+    """Two-layer feed-forward with GELU.
+
+    Args:
+        dim: input/output width.
+        hidden: hidden width.
+        dropout: dropout after the activation and after the output projection.
+    """
+
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + Attn(LN(x)), then x + MLP(LN(x)).
+
+    Args:
+        dim, heads, mlp_dim: widths.
+        dropout: residual, activation and attention dropout.
+        causal: causal self-attention.
+    """
+
+    def __init__(
+        self, dim: int, heads: int, mlp_dim: int, dropout: float = 0.0, causal: bool = False
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, dropout, causal)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, mlp_dim, dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cache)
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    """A stack of `Block`s followed by a final LayerNorm.
+
+    Args:
+        dim, depth, heads, mlp_dim: widths and number of blocks.
+        dropout: see `Block`.
+        causal: causal self-attention in every block.
+    """
+
+    def __init__(
+        self, dim: int, depth: int, heads: int, mlp_dim: int, dropout: float = 0.0, causal: bool = False
+    ) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_dim, dropout, causal) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        caches: list[KVCache] | None = None,
+        return_blocks: list[int] | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Run the blocks on x (B, N, D).
+
+        Args:
+            x: input tokens.
+            caches: one KVCache per block, for incremental decoding.
+            return_blocks: 0-based block indices whose outputs are also returned (for linear probes).
+        """
+        taps: dict[int, torch.Tensor] = {}
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, None if caches is None else caches[i])
+            if return_blocks is not None and i in return_blocks:
+                taps[i] = x
+        x = self.norm(x)
+        return x if return_blocks is None else (x, taps)
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """ViT-style initialisation: truncated-normal Linear weights, zero biases, unit LayerNorm."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def sincos_2d(h: int, w: int, dim: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embedding (MAE / MoCo v3), shape (h·w, dim)."""
+    if dim % 4:
+        raise ValueError(f"sincos position embedding needs dim divisible by 4, got {dim}")
+    y, x = torch.meshgrid(
+        torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij"
+    )
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    ox = x.flatten()[:, None] * omega[None]
+    oy = y.flatten()[:, None] * omega[None]
+    return torch.cat([ox.sin(), ox.cos(), oy.sin(), oy.cos()], dim=1).float()

@@ -1,0 +1,142 @@
+"""Training-state checkpoints without pickle.
+
+A checkpoint is a folder `step-NNNNNNN/` holding the model in the `save_pretrained` layout plus
+`training_state.safetensors` (optimizer moments, extra tensors, RNG states) and `training_state.json`
+(step, optimizer hyper-parameters, scheduler state, anything JSON-able). Each process adds its own RNG
+file. The folder is written under a temporary name and renamed into place when complete, so a run killed
+mid-write leaves the previous checkpoint as the latest complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vqim.checkpoint import load_tensors, read_json, save_tensors, write_json
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def optimizer_to_flat(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict into tensors (for safetensors) and JSON-able metadata."""
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, st in sd["state"].items():
+        for name, val in st.items():
+            if isinstance(val, torch.Tensor):
+                tensors[f"{prefix}.state.{pid}.{name}"] = val
+            else:
+                scalars.setdefault(str(pid), {})[name] = val
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_flat(opt: torch.optim.Optimizer, prefix: str, tensors: dict, meta: dict) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    head = f"{prefix}.state."
+    for key, val in tensors.items():
+        if key.startswith(head):
+            pid, name = key[len(head) :].split(".", 1)
+            state.setdefault(int(pid), {})[name] = val
+    for pid, sc in meta["scalars"].items():
+        state.setdefault(int(pid), {}).update(sc)
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    np_state = np.random.get_state()
+    meta = {
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["torch"].cpu())
+    if torch.cuda.is_available():
+        cuda = [tensors[k].cpu() for k in sorted(k for k in tensors if k.startswith("cuda."))]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+    n = meta["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
+    p = meta["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+
+
+def step_dir(root: str | os.PathLike, step: int) -> Path:
+    return Path(root) / f"step-{step:07d}"
+
+
+def tmp_dir(root: str | os.PathLike, step: int) -> Path:
+    return Path(root) / f".step-{step:07d}.partial"
+
+
+def write_process_state(directory: Path, rank: int, tensors: dict, meta: dict) -> None:
+    save_tensors(directory / f"training_state.rank{rank}.safetensors", tensors)
+    write_json(directory / f"training_state.rank{rank}.json", meta)
+
+
+def read_process_state(directory: Path, rank: int) -> tuple[dict[str, torch.Tensor], dict]:
+    f = directory / f"training_state.rank{rank}.safetensors"
+    if not f.is_file():  # resumed with more processes than saved: take rank 0's RNG (documented)
+        rank = 0
+    return (
+        load_tensors(directory / f"training_state.rank{rank}.safetensors"),
+        read_json(directory / f"training_state.rank{rank}.json", "training state"),
+    )
+
+
+def write_shared_state(directory: Path, tensors: dict, meta: dict) -> None:
+    save_tensors(directory / "training_state.safetensors", tensors)
+    write_json(directory / "training_state.json", meta)
+
+
+def read_shared_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    return (
+        load_tensors(directory / "training_state.safetensors"),
+        read_json(directory / "training_state.json", "training state"),
+    )
+
+
+def commit(root: str | os.PathLike, step: int, keep: int) -> Path:
+    """Rename the finished temporary folder into place and prune old checkpoints beyond `keep`."""
+    final, tmp = step_dir(root, step), tmp_dir(root, step)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    done = list_checkpoints(root)
+    for old in done[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    write_json(Path(root) / "latest.json", {"step": step, "path": final.name})
+    return final
+
+
+def list_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Complete checkpoint folders under root, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found) if (p / "training_state.json").is_file()]
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    done = list_checkpoints(root)
+    return done[-1] if done else None
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True)

@@ -1,0 +1,336 @@
+"""Tokenizer training on Accelerate: the same code runs on CPU, one GPU, or many (`accelerate launch`).
+
+Output folder:
+    config.json, model.safetensors     the final tokenizer (`Tokenizer.from_pretrained(out)`)
+    checkpoints/step-NNNNNNN/          weights + training state (optimizer, scheduler, step, RNG)
+    samples/step-NNNNNNN.png           reconstruction grids (top: input, bottom: reconstruction)
+    tb/                                TensorBoard scalars and images
+    train_config.json, train_summary.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from vqim.checkpoint import atomic_write, write_json
+from vqim.data import StepSampler, build_dataset, collate
+from vqim.metrics import psnr
+from vqim.tokenizer import Tokenizer
+from vqim.train import state as st
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenizerTrainConfig:
+    """Settings of a tokenizer training run.
+
+    Args:
+        out: output folder.
+        data: dataset spec (`photos`, a folder, or a .npy/.npz file).
+        preset: tokenizer preset name.
+        model: overrides of the preset's `TokenizerConfig` fields.
+        steps: optimizer steps.
+        batch_size: global batch (summed over processes).
+        lr: peak learning rate (paper: 1e-4).
+        warmup_steps: linear warmup; None = 10% of steps (the paper's 50k of 500k).
+        min_lr_ratio: cosine decay ends at lr · ratio (paper: 5e-5 / 1e-4 = 0.5).
+        weight_decay: decoupled weight decay on weight matrices (paper: 1e-4).
+        betas: Adam betas (paper: 0.9, 0.99).
+        grad_clip: max global gradient norm (0 disables).
+        seed: model initialisation, shuffling and augmentation seed.
+        num_workers: DataLoader workers per process.
+        log_every, image_every, ckpt_every: intervals in steps.
+        keep_checkpoints: complete checkpoints kept on disk.
+        resume: continue from the latest checkpoint in out/checkpoints.
+        mixed_precision: "auto" (bf16 on GPU, fp32 on CPU), "no" or "bf16".
+        progress: show a progress bar.
+    """
+
+    out: str
+    data: str = "photos"
+    preset: str = "vit-vqgan-tiny"
+    model: dict[str, Any] = field(default_factory=dict)
+    steps: int = 1000
+    batch_size: int = 16
+    lr: float = 1e-4
+    warmup_steps: int | None = None
+    min_lr_ratio: float = 0.5
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float = 1.0
+    seed: int = 0
+    num_workers: int = 2
+    log_every: int = 10
+    image_every: int = 500
+    ckpt_every: int = 500
+    keep_checkpoints: int = 2
+    resume: bool = False
+    mixed_precision: str = "auto"
+    progress: bool = True
+
+
+def lr_lambda(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to min_ratio at `total`."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay weight matrices only: not biases, norms, position embeddings or the codebook."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or name.endswith("pos.weight") or name.endswith("codebook"):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def reset_optimizer_rows(opt: torch.optim.Optimizer, param: torch.nn.Parameter, rows: torch.Tensor) -> None:
+    """Zero Adam's moments for restarted codebook rows, so stale momentum does not pull them back."""
+    s = opt.state.get(param)
+    if not s:
+        return
+    for key in ("exp_avg", "exp_avg_sq"):
+        if key in s:
+            s[key][rows] = 0
+
+
+def save_grid(images: torch.Tensor, recon: torch.Tensor, path: Path) -> torch.Tensor:
+    """Save a two-row grid (inputs over reconstructions) as PNG atomically; returns the grid tensor."""
+    from torchvision.utils import make_grid, save_image
+
+    grid = make_grid(torch.cat([images, recon]).float().clamp(0, 1).cpu(), nrow=images.shape[0], padding=2)
+    atomic_write(path, lambda tmp: save_image(grid, tmp, format="png"))
+    return grid
+
+
+def _accelerator(mixed_precision: str):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if torch.cuda.is_available() else "no"
+    return Accelerator(
+        mixed_precision=mixed_precision,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+    )
+
+
+def train_tokenizer(cfg: TokenizerTrainConfig) -> dict[str, Any]:
+    """Train a tokenizer; returns the run summary (also written to out/train_summary.json)."""
+    from tqdm.auto import tqdm
+
+    acc = _accelerator(cfg.mixed_precision)
+    rank, world, main = acc.process_index, acc.num_processes, acc.is_main_process
+    out = Path(cfg.out)
+    ckpt_root = out / "checkpoints"
+
+    start_step = 0
+    resume_from = st.latest_checkpoint(ckpt_root) if cfg.resume else None
+    if cfg.resume and resume_from is None:
+        log.warning("--resume: no complete checkpoint under %s; starting from scratch", ckpt_root)
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every process
+    if resume_from is not None:
+        model = Tokenizer.from_pretrained(resume_from).train()
+    else:
+        model = Tokenizer.from_preset(cfg.preset, **cfg.model).train()
+    tcfg = model.config
+    dataset = build_dataset(cfg.data, tcfg.image_size, train=True, seed=cfg.seed)
+    try:
+        preview_set = build_dataset(cfg.data, tcfg.image_size, train=False, seed=cfg.seed)
+    except Exception:  # noqa: BLE001 - preview images are optional
+        preview_set = dataset
+
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else cfg.steps // 10
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, cfg.steps, warmup, cfg.min_lr_ratio)
+    )
+    shared_meta: dict[str, Any] = {}
+    if resume_from is not None:
+        tensors, shared_meta = st.read_shared_state(resume_from)
+        st.optimizer_from_flat(optimizer, "opt", tensors, shared_meta["optimizer"])
+        scheduler.load_state_dict(shared_meta["scheduler"])
+        model.quantizer.code_age.copy_(tensors["quantizer.code_age"])
+        start_step = int(shared_meta["step"])
+        rt, rm = st.read_process_state(resume_from, rank)
+        st.set_rng_state(rt, rm)
+        log.info("resumed from %s at step %d", resume_from, start_step)
+    else:
+        torch.manual_seed(cfg.seed + 1000 * rank)
+
+    model, optimizer = acc.prepare(model, optimizer)
+    raw = acc.unwrap_model(model)
+    device = acc.device
+
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "train_config.json", {**dataclasses.asdict(cfg), "tokenizer": tcfg.to_dict()})
+    writer = None
+    if main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tb"))
+
+    def loader_from(step: int, seed: int) -> DataLoader:
+        sampler = StepSampler(len(dataset), cfg.batch_size, rank, world, seed=seed, start_step=step)
+        return DataLoader(
+            dataset,
+            batch_size=cfg.batch_size // world,
+            sampler=sampler,
+            num_workers=cfg.num_workers,
+            collate_fn=collate,
+            persistent_workers=cfg.num_workers > 0,
+        )
+
+    skipped: set[str] = set(shared_meta.get("skipped", []))
+    restarted_total = int(shared_meta.get("restarted_codes", 0))
+    nonfinite_total = int(shared_meta.get("nonfinite_steps", 0))
+
+    if start_step == 0 and tcfg.codebook_init == "data":
+        # Data-dependent init: encoder outputs of a few batches (drawn from a separate stream).
+        init_iter = iter(loader_from(0, cfg.seed + 1))
+        need = math.ceil(tcfg.codebook_size / (cfg.batch_size * tcfg.grid_size[0] * tcfg.grid_size[1]))
+        imgs = torch.cat([next(init_iter)["image"] for _ in range(min(8, max(1, need)))]).to(device)
+        raw.init_codebook(imgs, torch.Generator().manual_seed(cfg.seed))
+        del init_iter
+        log.info("codebook initialised from %d encoder outputs", imgs.shape[0] * tcfg.grid_size[0] ** 2)
+
+    preview = next(iter(DataLoader(preview_set, batch_size=8, collate_fn=collate)))["image"].to(device)
+
+    def save_checkpoint(step: int) -> None:
+        tmp = st.tmp_dir(ckpt_root, step)
+        if main:
+            raw.save_pretrained(tmp)
+            tensors, ometa = st.optimizer_to_flat(optimizer.optimizer, "opt")
+            tensors["quantizer.code_age"] = raw.quantizer.code_age
+            meta = {
+                "step": step,
+                "optimizer": ometa,
+                "scheduler": scheduler.state_dict(),
+                "skipped": sorted(skipped),
+                "restarted_codes": restarted_total,
+                "nonfinite_steps": nonfinite_total,
+                "world_size": world,
+            }
+            st.write_shared_state(tmp, tensors, meta)
+        acc.wait_for_everyone()
+        rt, rm = st.rng_state()
+        st.write_process_state(tmp, rank, rt, rm)
+        acc.wait_for_everyone()
+        if main:
+            st.commit(ckpt_root, step, cfg.keep_checkpoints)
+        acc.wait_for_everyone()
+
+    data_iter = iter(loader_from(start_step, cfg.seed))
+    bar = tqdm(
+        total=cfg.steps,
+        initial=start_step,
+        disable=not (main and cfg.progress),
+        desc="train",
+        dynamic_ncols=True,
+    )
+    t_last, n_last = time.perf_counter(), 0
+    t0 = time.perf_counter()
+    step = start_step
+    last: dict[str, float] = {}
+    while step < cfg.steps:
+        batch = next(data_iter)
+        skipped.update(batch["skipped"])
+        images = batch["image"].to(device, non_blocking=True)
+        outp = model(images)
+        loss = outp.loss
+        # Every process must agree to skip, or DDP's gradient all-reduce would hang.
+        bad = acc.reduce(torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=device), "sum")
+        if float(bad) > 0:
+            nonfinite_total += 1
+            log.warning("step %d: non-finite loss, step skipped (%d so far)", step, nonfinite_total)
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            scheduler.step()
+            continue
+        acc.backward(loss)
+        if cfg.grad_clip > 0:
+            acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        dead = raw.quantizer.update_and_restart(step)
+        if dead.numel():
+            reset_optimizer_rows(optimizer.optimizer, raw.quantizer.codebook, dead)
+            restarted_total += dead.numel()
+        step += 1
+        n_last += images.shape[0] * world
+
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            now = time.perf_counter()
+            last = outp.scalars()
+            last["psnr"] = float(psnr(outp.reconstruction.detach(), images).mean())
+            last["lr"] = scheduler.get_last_lr()[0]
+            last["images_per_s"] = n_last / (now - t_last)
+            last["restarted_codes"] = float(restarted_total)
+            t_last, n_last = now, 0
+            if writer is not None:
+                for k, v in last.items():
+                    writer.add_scalar(f"train/{k}", v, step)
+            bar.set_postfix(
+                loss=f"{last['loss']:.4f}", psnr=f"{last['psnr']:.1f}", usage=f"{last['usage']:.2f}",
+                img_s=f"{last['images_per_s']:.1f}",
+            )  # fmt: skip
+        bar.update(1)
+
+        if main and (step % cfg.image_every == 0 or step == cfg.steps):
+            raw.eval()
+            with torch.no_grad():
+                rec = raw(preview).reconstruction
+            raw.train()
+            grid = save_grid(preview, rec, out / "samples" / f"step-{step:07d}.png")
+            if writer is not None:
+                writer.add_image("reconstruction", grid, step)
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            save_checkpoint(step)
+    bar.close()
+
+    from accelerate.utils import gather_object
+
+    all_skipped = sorted(set().union(*gather_object([sorted(skipped)]))) if world > 1 else sorted(skipped)
+    summary = {
+        "steps": step,
+        "resumed_from": str(resume_from) if resume_from else None,
+        "seconds": time.perf_counter() - t0,
+        "skipped_files": len(all_skipped),
+        "skipped": all_skipped,
+        "restarted_codes": restarted_total,
+        "nonfinite_steps": nonfinite_total,
+        "last": last,
+        "processes": world,
+    }
+    if main:
+        raw.save_pretrained(out)
+        write_json(out / "train_summary.json", summary)
+        if writer is not None:
+            writer.close()
+        if all_skipped:
+            log.warning("%d unreadable files were skipped: %s", len(all_skipped), ", ".join(all_skipped[:10]))
+    acc.wait_for_everyone()
+    acc.end_training()
+    return summary
