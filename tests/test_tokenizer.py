@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqim import Tokenizer, TokenizerConfig, tokenizer_presets
+from vqim.tokenizer import patchify, unpatchify
 
 
 def tiny(**overrides) -> Tokenizer:
@@ -67,6 +68,20 @@ def test_forward_output_fields(logit_laplace):
     if logit_laplace:
         expected = expected + cfg.logit_laplace_weight * out.logit_laplace_loss
     torch.testing.assert_close(out.loss, expected)
+
+
+def test_patch_layout():
+    torch.manual_seed(15)
+    x = torch.rand(2, 3, 12, 16)
+    p = 4
+    tokens = patchify(x, p)
+    assert tokens.shape == (2, 3 * 4, p * p * 3)
+    # Token r·w + c holds patch (r, c), laid out as (row-in-patch, column-in-patch, channel).
+    for r in range(3):
+        for c in range(4):
+            patch = x[:, :, r * p : (r + 1) * p, c * p : (c + 1) * p].permute(0, 2, 3, 1).reshape(2, -1)
+            assert torch.equal(tokens[:, r * 4 + c], patch)
+    assert torch.equal(unpatchify(tokens, p, (3, 4), 3), x)
 
 
 # ---------------------------------------------------------------------- gradients

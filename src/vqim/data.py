@@ -58,7 +58,7 @@ def resize_shorter(im: Image.Image, size: int) -> Image.Image:
 
 def to_tensor(arr: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 → (3, H, W) float in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float().div_(255)
+    return torch.from_numpy(np.array(arr, dtype=np.uint8)).permute(2, 0, 1).float().div_(255)
 
 
 def _crop(arr: np.ndarray, size: int, rng: np.random.Generator | None, flip: bool) -> np.ndarray:

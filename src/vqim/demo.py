@@ -26,7 +26,9 @@ DEMO_LR = 1e-3
 DEMO_BATCH = 16
 
 
-def run_demo(out: str | Path = "runs/demo", steps: int | None = None, progress: bool = True) -> dict[str, Any]:
+def run_demo(
+    out: str | Path = "runs/demo", steps: int | None = None, progress: bool = True
+) -> dict[str, Any]:
     """Train `vit-vqgan-tiny` on `photos`, evaluate on held-out photographs, write the report."""
     out = Path(out)
     t0 = time.perf_counter()

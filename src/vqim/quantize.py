@@ -139,6 +139,8 @@ class VectorQuantizer(nn.Module):
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         """Quantize z (..., in_dim)."""
         lead = z.shape[:-1]
+        # Restart statistics come from forwards in training mode.
+        track = self.training and self.dead_code_window > 0
         with torch.autocast(device_type=z.device.type, enabled=False):
             ze = self.embed_in(z).reshape(-1, self.lookup_dim)  # (M, L)
             codes = self.codes()
@@ -153,7 +155,7 @@ class VectorQuantizer(nn.Module):
                 p = counts.float() / ids.numel()
                 usage = (counts > 0).float().mean()
                 perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
-                if self.training and self.dead_code_window > 0:
+                if track:
                     self._hits += counts
                     self._recent = ze.detach()
         return QuantizerOutput(quantized, ids.reshape(lead), loss, usage, perplexity)
@@ -170,13 +172,18 @@ class VectorQuantizer(nn.Module):
 
     # ------------------------------------------------------------------ codebook health
     @torch.no_grad()
-    def init_from_data(self, z: torch.Tensor, generator: torch.Generator | None = None) -> None:
+    def init_from_data(
+        self, z: torch.Tensor | list[torch.Tensor], generator: torch.Generator | None = None
+    ) -> None:
         """Set the codes to encoder outputs z (..., in_dim) projected into the lookup space.
 
-        Rows are gathered from every process and chosen with the same generator everywhere, so every
-        process ends with the same codebook. With fewer rows than codes, rows are reused with small noise.
+        z may be a list of per-batch tensors. Each batch is gathered from every process (in process order,
+        which is the order of one process's global batch) and rows are chosen with the same generator
+        everywhere, so every process ends with the codebook a single process would pick. With fewer rows
+        than codes, rows are reused with small noise.
         """
-        ze = _all_gather_cat(self.embed_in(z).reshape(-1, self.lookup_dim))
+        parts = z if isinstance(z, (list, tuple)) else [z]
+        ze = torch.cat([_all_gather_cat(self.embed_in(p).reshape(-1, self.lookup_dim)) for p in parts])
         self.codebook.data.copy_(self._sample_rows(ze, self.codebook_size, generator))
         self.code_age.zero_()
 

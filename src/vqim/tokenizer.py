@@ -297,9 +297,12 @@ class Tokenizer(nn.Module):
         return self.to_image(self.decode_latents(vecs.to(dtype), (h, w))).clamp(0, 1)
 
     @torch.no_grad()
-    def init_codebook(self, images: torch.Tensor, generator: torch.Generator | None = None) -> None:
-        """Data-dependent codebook initialisation from the encoder outputs of images."""
-        self.quantizer.init_from_data(self.encode_latents(images), generator)
+    def init_codebook(
+        self, images: torch.Tensor | list[torch.Tensor], generator: torch.Generator | None = None
+    ) -> None:
+        """Data-dependent codebook initialisation from the encoder outputs of images (or a list of batches)."""
+        batches = images if isinstance(images, (list, tuple)) else [images]
+        self.quantizer.init_from_data([self.encode_latents(b) for b in batches], generator)
 
     def num_params(self) -> dict[str, int]:
         """Parameter counts of encoder, quantizer, decoder and the total."""

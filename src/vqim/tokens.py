@@ -71,21 +71,25 @@ def encode_dataset(
     count = 0
     grid: tuple[int, int] | None = None
 
-    def flush() -> None:
-        nonlocal ids_buf, lab_buf
-        if not ids_buf:
-            return
-        ids = np.concatenate(ids_buf)
+    def write_shard(ids: np.ndarray, labels: np.ndarray) -> None:
         k = len(shards)
         entry = {"tokens": f"tokens-{k:05d}.npy", "count": int(ids.shape[0])}
         _save_npy(out / entry["tokens"], ids.astype(dtype))
         if has_labels:
             entry["labels"] = f"labels-{k:05d}.npy"
-            _save_npy(out / entry["labels"], np.concatenate(lab_buf).astype(np.int64))
+            _save_npy(out / entry["labels"], labels.astype(np.int64))
         shards.append(entry)
-        ids_buf, lab_buf = [], []
 
-    buffered = 0
+    def flush(final: bool) -> None:
+        nonlocal ids_buf, lab_buf
+        if not ids_buf:
+            return
+        ids, labels = np.concatenate(ids_buf), np.concatenate(lab_buf)
+        while len(ids) >= shard_size or (final and len(ids)):
+            write_shard(ids[:shard_size], labels[:shard_size])
+            ids, labels = ids[shard_size:], labels[shard_size:]
+        ids_buf, lab_buf = ([ids], [labels]) if len(ids) else ([], [])
+
     for batch in tqdm(loader, disable=not progress, desc="encode"):
         skipped += batch["skipped"]
         if batch["image"].numel() == 0:
@@ -94,12 +98,9 @@ def encode_dataset(
         grid = ids.shape[1:]
         ids_buf.append(ids)
         lab_buf.append(batch["label"].numpy())
-        buffered += ids.shape[0]
         count += ids.shape[0]
-        if buffered >= shard_size:
-            flush()
-            buffered = 0
-    flush()
+        flush(final=False)
+    flush(final=True)
     if count == 0:
         raise ValueError("no readable image to encode")
     manifest: dict[str, Any] = {

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,13 +130,23 @@ def _accelerator(mixed_precision: str):
     if mixed_precision == "auto":
         mixed_precision = "bf16" if torch.cuda.is_available() else "no"
     return Accelerator(
+        # Without a GPU, cpu=True makes Accelerate join a multi-process launch (torchrun or
+        # `accelerate launch --multi_gpu`) as a gloo process group instead of running alone.
+        cpu=not torch.cuda.is_available(),
         mixed_precision=mixed_precision,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
     )
 
 
-def train_tokenizer(cfg: TokenizerTrainConfig) -> dict[str, Any]:
-    """Train a tokenizer; returns the run summary (also written to out/train_summary.json)."""
+def train_tokenizer(
+    cfg: TokenizerTrainConfig, on_end: Callable[[Tokenizer, Any], None] | None = None
+) -> dict[str, Any]:
+    """Train a tokenizer; returns the run summary (also written to out/train_summary.json).
+
+    Args:
+        cfg: the run's settings.
+        on_end: called on every process at the end with (unwrapped model, accelerator).
+    """
     from tqdm.auto import tqdm
 
     acc = _accelerator(cfg.mixed_precision)
@@ -210,10 +221,11 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict[str, Any]:
         # Data-dependent init: encoder outputs of a few batches (drawn from a separate stream).
         init_iter = iter(loader_from(0, cfg.seed + 1))
         need = math.ceil(tcfg.codebook_size / (cfg.batch_size * tcfg.grid_size[0] * tcfg.grid_size[1]))
-        imgs = torch.cat([next(init_iter)["image"] for _ in range(min(8, max(1, need)))]).to(device)
-        raw.init_codebook(imgs, torch.Generator().manual_seed(cfg.seed))
+        batches = [next(init_iter)["image"].to(device) for _ in range(min(8, max(1, need)))]
+        raw.init_codebook(batches, torch.Generator().manual_seed(cfg.seed))
         del init_iter
-        log.info("codebook initialised from %d encoder outputs", imgs.shape[0] * tcfg.grid_size[0] ** 2)
+        n_init = sum(b.shape[0] for b in batches) * world * tcfg.grid_size[0] * tcfg.grid_size[1]
+        log.info("codebook initialised from %d encoder outputs", n_init)
 
     preview = next(iter(DataLoader(preview_set, batch_size=8, collate_fn=collate)))["image"].to(device)
 
@@ -292,6 +304,11 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict[str, Any]:
             if writer is not None:
                 for k, v in last.items():
                     writer.add_scalar(f"train/{k}", v, step)
+            if not cfg.progress and main:
+                log.info(
+                    "step %d/%d loss %.4f psnr %.2f usage %.3f %.1f img/s",
+                    step, cfg.steps, last["loss"], last["psnr"], last["usage"], last["images_per_s"],
+                )  # fmt: skip
             bar.set_postfix(
                 loss=f"{last['loss']:.4f}", psnr=f"{last['psnr']:.1f}", usage=f"{last['usage']:.2f}",
                 img_s=f"{last['images_per_s']:.1f}",
@@ -331,6 +348,8 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict[str, Any]:
             writer.close()
         if all_skipped:
             log.warning("%d unreadable files were skipped: %s", len(all_skipped), ", ".join(all_skipped[:10]))
+    if on_end is not None:
+        on_end(raw, acc)
     acc.wait_for_everyone()
     acc.end_training()
     return summary

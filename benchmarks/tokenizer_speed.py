@@ -1,0 +1,135 @@
+"""Tokenizer speed: training-step and encode throughput, printed as JSON.
+
+Configuration (the public figures in PEER_FIGURES.md use the same): 128×128 images, patch 8 (16×16 tokens),
+width 256, 4 + 4 blocks, 4 heads, MLP 1024, 8192 codes, lookup dim 32, l2-norm; training step = forward +
+backward (L2 + VQ loss) + Adam update at batch 8; encode at batch 32; fp32 on CPU with 2 threads.
+
+The machine's matmul speed is measured in the same run (sgemm 2048²), so figures from another day can be
+compared after normalising by it. Usage:
+    python benchmarks/tokenizer_speed.py [--repeats 7] [--device cpu|cuda] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from vqim import Tokenizer
+
+# Public ViT-VQGAN re-implementation (enhancing-transformers) at this configuration, from PEER_FIGURES.md,
+# measured on a 2-core Xeon with sgemm ≈ 202 GFLOP/s: two runs of the training step (median 7.8 and 10.0).
+PEER = {"train_images_per_s": 10.0, "encode_images_per_s": 26.3, "sgemm_gflops": 202.0}
+
+
+def sgemm_gflops(device: str, n: int = 2048, reps: int = 5) -> float:
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    for _ in range(2):
+        a @ b
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_config(**kw) -> dict:
+    return dict(
+        image_size=128, patch_size=8, enc_dim=256, enc_depth=4, enc_heads=4, enc_mlp_dim=1024,
+        dec_dim=256, dec_depth=4, dec_heads=4, dec_mlp_dim=1024, codebook_size=8192, lookup_dim=32,
+        l2_norm=True, logit_laplace=False, **kw,
+    )  # fmt: skip
+
+
+def measure(fn, n_items: int, repeats: int, warmup: int, device: str) -> dict:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    rates = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        rates.append(n_items / (time.perf_counter() - t))
+    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--train-batch", type=int, default=8)
+    ap.add_argument("--encode-batch", type=int, default=32)
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the tokenizer")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    dev = args.device
+
+    tok = Tokenizer.from_preset("vit-vqgan-ss", **bench_config()).to(dev)
+    params = sum(p.numel() for p in tok.parameters())
+    model = torch.compile(tok) if args.compile else tok
+    opt = torch.optim.AdamW(tok.parameters(), lr=1e-4, betas=(0.9, 0.99), weight_decay=1e-4)
+    x_train = torch.rand(args.train_batch, 3, 128, 128, device=dev)
+    x_enc = torch.rand(args.encode_batch, 3, 128, 128, device=dev)
+    amp = torch.autocast(dev, dtype=torch.bfloat16, enabled=args.bf16)
+
+    def train_step() -> None:
+        with amp:
+            out = model(x_train)  # loss = VQ + L2 (logit-Laplace head off, l1 weight 0)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def encode() -> None:
+        with amp:
+            tok.encode(x_enc)
+
+    tok.train()
+    train = measure(train_step, args.train_batch, args.repeats, args.warmup, dev)
+    tok.eval()
+    enc = measure(encode, args.encode_batch, args.repeats, args.warmup, dev)
+    gflops = sgemm_gflops(dev)
+    machine = gflops / PEER["sgemm_gflops"] if dev == "cpu" else None
+    result = {
+        "config": {**bench_config(), "train_batch": args.train_batch, "encode_batch": args.encode_batch},
+        "params": params,
+        "device": dev,
+        "threads": args.threads,
+        "bf16": args.bf16,
+        "compile": args.compile,
+        "sgemm_gflops": round(gflops, 1),
+        "train_images_per_s": {k: round(v, 2) for k, v in train.items()},
+        "encode_images_per_s": {k: round(v, 2) for k, v in enc.items()},
+    }
+    if dev == "cpu":
+        result["peer_enhancing_transformers"] = PEER
+        result["speedup_vs_peer_train"] = round(train["median"] / PEER["train_images_per_s"], 2)
+        result["speedup_vs_peer_encode"] = round(enc["median"] / PEER["encode_images_per_s"], 2)
+        # Same ratio after scaling the peer's figure by this machine's matmul speed relative to theirs.
+        result["speedup_vs_peer_train_machine_normalised"] = round(
+            train["median"] / (PEER["train_images_per_s"] * machine), 2
+        )
+        result["speedup_vs_peer_encode_machine_normalised"] = round(
+            enc["median"] / (PEER["encode_images_per_s"] * machine), 2
+        )
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

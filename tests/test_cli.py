@@ -1,0 +1,144 @@
+"""End to end through the real CLI on a tiny model: train, resume, encode, decode, reconstruct, evaluate."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from vqim import Tokenizer
+from vqim.cli import main
+from vqim.train import state as st
+
+TINY = ["--preset", "vit-vqgan-tiny", "--image-size", "32", "--batch-size", "4", "--num-workers", "0",
+        "--no-progress", "--log-every", "1", "--lr", "1e-3"]  # fmt: skip
+
+
+@pytest.fixture()
+def folder(tmp_path) -> Path:
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    for cls in ("cats", "dogs"):
+        (root / cls).mkdir(parents=True)
+        for i in range(5):
+            arr = rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / cls / f"{i}.png")
+    (root / "cats" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    return root
+
+
+def _run(args: list[str], capsys) -> str:
+    main(args)
+    return capsys.readouterr().out
+
+
+def test_cli_end_to_end(tmp_path, folder, capsys):
+    run = tmp_path / "run"
+    _run(["train-tokenizer", "--data", str(folder), "--out", str(run), "--steps", "4", "--ckpt-every", "2",
+          "--image-every", "2", *TINY], capsys)  # fmt: skip
+    assert (run / "config.json").is_file() and (run / "model.safetensors").is_file()
+    assert [p.name for p in st.list_checkpoints(run / "checkpoints")] == ["step-0000002", "step-0000004"]
+    assert (run / "samples" / "step-0000004.png").is_file()
+    assert any((run / "tb").iterdir())
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["steps"] == 4
+    assert summary["skipped_files"] == 1 and summary["skipped"][0].endswith("broken.jpg")
+
+    # Resume continues from step 4 to 6, with the optimizer state restored (Adam's step count moves on).
+    _run(["train-tokenizer", "--data", str(folder), "--out", str(run), "--steps", "6", "--ckpt-every", "2",
+          "--image-every", "100", "--resume", *TINY], capsys)  # fmt: skip
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["steps"] == 6 and summary["resumed_from"].endswith("step-0000004")
+    opt = load_file(run / "checkpoints" / "step-0000006" / "training_state.safetensors")
+    assert float(opt["opt.state.0.step"]) == 6.0
+
+    tok = Tokenizer.from_pretrained(run)
+    assert tok.config.image_size == 32
+
+    # Encode → manifest + shards with labels (class sub-folders); the broken file is skipped and counted.
+    tokens = tmp_path / "tokens"
+    out = json.loads(_run(["encode", "--tokenizer", str(run), "--data", str(folder), "--out", str(tokens),
+                           "--no-progress", "--shard-size", "4"], capsys))  # fmt: skip
+    assert out["count"] == 10 and out["skipped_files"] == 1
+    manifest = json.loads((tokens / "manifest.json").read_text())
+    assert manifest["grid_size"] == [4, 4] and manifest["codebook_size"] == 512
+    assert manifest["tokenizer_config_hash"] == tok.config.hash()
+    assert manifest["class_names"] == ["cats", "dogs"] and manifest["has_labels"]
+    assert [s["count"] for s in manifest["shards"]] == [4, 4, 2]
+    ids = np.concatenate([np.load(tokens / s["tokens"]) for s in manifest["shards"]])
+    labels = np.concatenate([np.load(tokens / s["labels"]) for s in manifest["shards"]])
+    assert ids.shape == (10, 4, 4) and labels.tolist() == [0] * 5 + [1] * 5
+    assert ids.max() < 512
+
+    # Decode the ids back to images; they equal the library's decode.
+    dec = tmp_path / "decoded"
+    np.save(tmp_path / "ids.npy", ids[:3])
+    res = json.loads(
+        _run(["decode", "--tokenizer", str(run), str(tmp_path / "ids.npy"), "--out", str(dec)], capsys)
+    )
+    assert res["images"] == 3
+    png = np.asarray(Image.open(dec / "000001.png")).astype(np.float32) / 255
+    ref = tok.decode(torch.from_numpy(ids[1:2].astype(np.int64)))[0].permute(1, 2, 0).numpy()
+    assert np.abs(png - ref).max() <= 1 / 255 + 1e-6
+
+    # Reconstruct: side-by-side PNG and a PSNR per image.
+    rec = tmp_path / "rec"
+    img = folder / "dogs" / "0.png"
+    res = json.loads(_run(["reconstruct", "--tokenizer", str(run), str(img), "--out", str(rec)], capsys))
+    assert Image.open(res[str(img)]["png"]).size == (64, 32)
+    assert 0 < res[str(img)]["psnr"] < 100
+
+    # Evaluate: JSON metrics and a usage histogram.
+    ev = tmp_path / "eval"
+    m = json.loads(_run(["eval-tokenizer", "--tokenizer", str(run), "--data", str(folder), "--out", str(ev),
+                         "--no-progress"], capsys))  # fmt: skip
+    for key in ("psnr", "ssim", "l1", "l2", "logit_laplace", "usage", "usage_per_256", "perplexity"):
+        assert key in m and np.isfinite(m[key]), key
+    assert m["images"] == 10 and m["skipped_files"] == 1
+    assert 0 < m["usage"] <= 1 and m["codes_used"] == round(m["usage"] * 512)
+    assert (ev / "usage_histogram.png").is_file() and (ev / "metrics.json").is_file()
+
+
+def test_resume_equals_uninterrupted_run(tmp_path, folder, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = ["--data", str(folder), "--steps", "6", "--ckpt-every", "3", "--image-every", "100", *TINY]
+    _run(["train-tokenizer", "--out", str(a), *common], capsys)
+    # b holds only what a run interrupted after step 4 would have left: the step-3 checkpoint, and a
+    # half-written later one.
+    shutil.copytree(a / "checkpoints" / "step-0000003", b / "checkpoints" / "step-0000003")
+    (b / "checkpoints" / ".step-0000006.partial").mkdir()
+    _run(["train-tokenizer", "--out", str(b), "--resume", *common], capsys)
+    assert json.loads((b / "train_summary.json").read_text())["resumed_from"].endswith("step-0000003")
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    diffs = {k: float((wa[k] - wb[k]).abs().max()) for k in wa}
+    assert max(diffs.values()) < 1e-6, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
+
+
+def test_partial_checkpoint_is_ignored(tmp_path):
+    root = tmp_path / "checkpoints"
+    (root / "step-0000002").mkdir(parents=True)
+    (root / "step-0000002" / "training_state.json").write_text("{}")
+    (root / ".step-0000004.partial").mkdir()
+    (root / "step-0000006").mkdir()  # no training_state.json: incomplete
+    assert st.latest_checkpoint(root).name == "step-0000002"
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["eval-tokenizer", "--tokenizer", str(tmp_path / "nope"), "--data", "photos"])
+    assert e.value.code == 2
+    assert "tokenizer directory not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train-tokenizer", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), *TINY])
+    assert "neither a built-in dataset" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(
+            ["train-tokenizer", "--data", "photos", "--out", str(tmp_path / "o"), *TINY, "--image-size", "30"]
+        )
+    assert "not divisible by patch_size" in capsys.readouterr().err
