@@ -209,7 +209,7 @@ def test_from_preset_overrides():
     # Fields not overridden keep the preset's values.
     base = Tokenizer.from_preset("vit-vqgan-tiny").config
     assert (
-        dataclasses.replace(cfg, image_size=64, patch_size=8, codebook_size=512, lookup_dim=8, l2_norm=True)
+        dataclasses.replace(cfg, image_size=64, patch_size=8, codebook_size=512, lookup_dim=32, l2_norm=True)
         == base
     )
 

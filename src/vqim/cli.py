@@ -35,6 +35,9 @@ def add_train_tokenizer(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=int, default=None, help="override the preset's image size")
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (paper: 1e-4)")
     p.add_argument("--warmup-steps", type=int, default=None, help="default: 10%% of --steps")
+    p.add_argument(
+        "--min-lr-ratio", type=float, default=0.5, help="cosine decay ends at lr × this (paper: 0.5)"
+    )
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
@@ -43,6 +46,7 @@ def add_train_tokenizer(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-every", type=int, default=500)
     p.add_argument("--ckpt-every", type=int, default=500)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop after this much training time")
     p.add_argument("--mixed-precision", choices=["auto", "no", "bf16"], default="auto")
     p.add_argument("--no-progress", action="store_true")
     m = p.add_argument_group("model overrides")
@@ -71,10 +75,11 @@ def cmd_train_tokenizer(a: argparse.Namespace) -> None:
 
     cfg = TokenizerTrainConfig(
         out=a.out, data=a.data, preset=a.preset, model=model_overrides(a), steps=a.steps,
-        batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup_steps, weight_decay=a.weight_decay,
+        batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup_steps, min_lr_ratio=a.min_lr_ratio, weight_decay=a.weight_decay,
         grad_clip=a.grad_clip, seed=a.seed, num_workers=a.num_workers, log_every=a.log_every,
         image_every=a.image_every, ckpt_every=a.ckpt_every, resume=a.resume,
         mixed_precision=a.mixed_precision, progress=not a.no_progress,
+        max_seconds=None if a.max_minutes is None else 60 * a.max_minutes,
     )  # fmt: skip
     summary = train_tokenizer(cfg)
     if summary.get("skipped_files"):

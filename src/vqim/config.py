@@ -143,9 +143,9 @@ TOKENIZER_PRESETS: dict[str, Any] = {
         (128, 2, 4, 512),
         image_size=64,
         codebook_size=512,
-        lookup_dim=8,
+        lookup_dim=32,
         codebook_init="data",
-        dead_code_window=100,
+        dead_code_window=20,
     ),  # fmt: skip
 }
 

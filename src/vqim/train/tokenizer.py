@@ -55,6 +55,8 @@ class TokenizerTrainConfig:
         resume: continue from the latest checkpoint in out/checkpoints.
         mixed_precision: "auto" (bf16 on GPU, fp32 on CPU), "no" or "bf16".
         progress: show a progress bar.
+        max_seconds: stop (with a checkpoint) once this much training time has passed; the lr schedule
+            still follows `steps`.
     """
 
     out: str
@@ -78,6 +80,7 @@ class TokenizerTrainConfig:
     resume: bool = False
     mixed_precision: str = "auto"
     progress: bool = True
+    max_seconds: float | None = None
 
 
 def lr_lambda(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -323,8 +326,18 @@ def train_tokenizer(
             grid = save_grid(preview, rec, out / "samples" / f"step-{step:07d}.png")
             if writer is not None:
                 writer.add_image("reconstruction", grid, step)
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+        out_of_time = False
+        if cfg.max_seconds is not None and step % cfg.log_every == 0:
+            # Every process must stop at the same step: the main process's clock decides.
+            flag = torch.tensor(
+                float(time.perf_counter() - t0 > cfg.max_seconds) if main else 0.0, device=device
+            )
+            out_of_time = float(acc.reduce(flag, "sum")) > 0
+        if step % cfg.ckpt_every == 0 or step == cfg.steps or out_of_time:
             save_checkpoint(step)
+        if out_of_time:
+            log.info("time budget of %.0f s reached at step %d", cfg.max_seconds, step)
+            break
     bar.close()
 
     from accelerate.utils import gather_object
