@@ -28,7 +28,7 @@ def _json_out(obj: Any) -> None:
 def add_train_tokenizer(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-tokenizer", help="train a tokenizer (CPU, GPU, or `accelerate launch`)")
     p.add_argument("--preset", default="vit-vqgan-tiny", help="tokenizer preset (see `vqim presets`)")
-    p.add_argument("--data", required=True, help="image folder, .npy/.npz array, or built-in: photos")
+    p.add_argument("--data", required=True, help="image folder, .npy/.npz array, or built-in: photos, digits")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=16, help="global batch, summed over processes")
@@ -142,7 +142,8 @@ def cmd_encode(a: argparse.Namespace) -> None:
 
     device = _device(a.device)
     tok = _load_tokenizer(a.tokenizer, device)
-    ds = build_dataset(a.data, a.image_size or tok.config.image_size, train=False)
+    # Center crops, no augmentation; --split picks a built-in dataset's split (folders and arrays: all).
+    ds = build_dataset(a.data, a.image_size or tok.config.image_size, train=a.split == "train", augment=False)
     manifest = encode_dataset(
         tok, ds, a.out, batch_size=a.batch_size, shard_size=a.shard_size, num_workers=a.num_workers,
         device=device, progress=not a.no_progress,
@@ -215,6 +216,8 @@ def add_use_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--shard-size", type=int, default=8192)
+    p.add_argument("--split", choices=["train", "eval"], default="train",
+                   help="split of a built-in dataset (photos, digits) to encode")  # fmt: skip
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_encode)

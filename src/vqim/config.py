@@ -171,4 +171,140 @@ def get_tokenizer_config(name: str, **overrides: Any) -> TokenizerConfig:
     return dataclasses.replace(cfg, **overrides)
 
 
-__all__ = ["TokenizerConfig", "get_tokenizer_config", "tokenizer_presets", "TOKENIZER_PRESETS"]
+# ---------------------------------------------------------------------------------------------- prior
+
+
+@dataclass(frozen=True)
+class PriorConfig:
+    """Configuration of a VIM prior: a decoder-only causal Transformer over raster-order token ids.
+
+    Args:
+        vocab_size: number of token ids V (the tokenizer's codebook_size).
+        grid_size: (h, w) of the token grid (the tokenizer's grid_size); sequences hold up to h·w tokens.
+            A list (as read back from JSON) is turned into a tuple.
+        num_classes: number of classes C of a class-conditional prior; 0 = unconditional. A conditional
+            prior has C + 1 class embeddings: the last one (id C) is the "null" class used for label
+            dropout in training and for classifier-free guidance.
+        dim, depth, heads, mlp_dim: Transformer width, blocks, heads and MLP width.
+        dropout: residual, activation, attention and embedding dropout (SPEC: 0.1).
+        class_dropout: probability, in training, of replacing a label by the null class (classifier-free
+            guidance needs it; ignored by an unconditional prior).
+    """
+
+    vocab_size: int = 8192
+    grid_size: tuple[int, int] = (32, 32)
+    num_classes: int = 0
+    dim: int = 512
+    depth: int = 8
+    heads: int = 8
+    mlp_dim: int = 2048
+    dropout: float = 0.1
+    class_dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        grid = self.grid_size
+        if (
+            not isinstance(grid, (tuple, list))
+            or len(grid) != 2
+            or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid)
+        ):
+            raise ValueError(f"grid_size must be two positive ints (h, w), got {grid!r}")
+        object.__setattr__(self, "grid_size", (int(grid[0]), int(grid[1])))
+        for name in ("vocab_size", "num_classes", "dim", "depth", "heads", "mlp_dim"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ValueError(f"{name} must be an int, got {v!r}")
+        if self.vocab_size < 2:
+            raise ValueError(f"vocab_size must be at least 2, got {self.vocab_size}")
+        if self.num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0 = unconditional), got {self.num_classes}")
+        for name in ("dim", "depth", "heads", "mlp_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        for name in ("dropout", "class_dropout"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {v}")
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens per image, h·w."""
+        return self.grid_size[0] * self.grid_size[1]
+
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["grid_size"] = list(self.grid_size)  # JSON has no tuples; __post_init__ turns it back
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PriorConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown prior config keys {unknown}; known keys: {sorted(known)}")
+        return cls(**d)
+
+
+def _vim(dim: int, depth: int, heads: int, mlp_dim: int, **kw: Any) -> PriorConfig:
+    return PriorConfig(dim=dim, depth=depth, heads=heads, mlp_dim=mlp_dim, **kw)
+
+
+# Architecture presets. vim-base / vim-large are the paper's (SPEC: VIM-Base 650M, VIM-Large 1.7B) over the
+# ImageNet-256 ViT-VQGAN grid (patch 8 → 32×32, 8192 codes); vim-small is the size of the public samplers in
+# PEER_FIGURES.md; vim-tiny pairs with the vit-vqgan-tiny tokenizer (512 codes, 8×8 tokens) for CPU runs.
+PRIOR_PRESETS: dict[str, Any] = {
+    "vim-base": lambda: _vim(1536, 24, 16, 6144),
+    "vim-large": lambda: _vim(2048, 36, 32, 8192),
+    "vim-small": lambda: _vim(512, 8, 8, 2048),
+    "vim-tiny": lambda: _vim(128, 4, 4, 512, vocab_size=512, grid_size=(8, 8)),
+}
+
+
+def prior_presets() -> list[str]:
+    return sorted(PRIOR_PRESETS)
+
+
+def get_prior_config(
+    name: str,
+    vocab_size: int | None = None,
+    grid_size: tuple[int, int] | None = None,
+    num_classes: int | None = None,
+    **overrides: Any,
+) -> PriorConfig:
+    """Config of a named prior preset with the data-side fields and any other field replaced.
+
+    Args:
+        name: one of `prior_presets()`.
+        vocab_size: the tokenizer's codebook_size; None keeps the preset's (8192; 512 for vim-tiny).
+        grid_size: the tokenizer's grid_size (h, w); None keeps the preset's ((32, 32); (8, 8) for vim-tiny).
+        num_classes: classes of a class-conditional prior, 0 = unconditional; None keeps the preset's (0).
+        **overrides: any other PriorConfig field, e.g. depth=2, dropout=0.0.
+    """
+    if name not in PRIOR_PRESETS:
+        raise ValueError(f"unknown prior preset {name!r}; choose one of {prior_presets()}")
+    cfg = PRIOR_PRESETS[name]()
+    known = {f.name for f in dataclasses.fields(PriorConfig)}
+    bad = sorted(set(overrides) - known)
+    if bad:
+        raise ValueError(f"unknown prior config fields {bad}; known fields: {sorted(known)}")
+    data = {"vocab_size": vocab_size, "grid_size": grid_size, "num_classes": num_classes}
+    overrides.update({k: v for k, v in data.items() if v is not None})
+    return dataclasses.replace(cfg, **overrides)
+
+
+__all__ = [
+    "TokenizerConfig",
+    "get_tokenizer_config",
+    "tokenizer_presets",
+    "TOKENIZER_PRESETS",
+    "PriorConfig",
+    "get_prior_config",
+    "prior_presets",
+    "PRIOR_PRESETS",
+]

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset, Sampler
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-BUILTIN = ("photos",)
+BUILTIN = ("photos", "digits")
 
 # Whole photographs bundled with scikit-image (file names in skimage's data directory). The evaluation
 # photographs are never seen in training. motorcycle_left/right are a stereo pair, so both stay in training.
@@ -76,9 +76,10 @@ def _crop(arr: np.ndarray, size: int, rng: np.random.Generator | None, flip: boo
 class _Base(Dataset, abc.ABC):
     """Shared item logic: `key` is an index or (index, augmentation seed) from `StepSampler`."""
 
-    def __init__(self, image_size: int, train: bool, seed: int) -> None:
+    def __init__(self, image_size: int, train: bool, seed: int, augment: bool | None = None) -> None:
         self.image_size = image_size
-        self.train = train
+        self.train = train  # training split (built-ins) and, unless augment says otherwise, augmentation
+        self.augment = train if augment is None else augment
         self.seed = seed
         self.class_names: list[str] | None = None
 
@@ -91,7 +92,7 @@ class _Base(Dataset, abc.ABC):
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         index, aug = (key, key) if isinstance(key, int) else key
-        rng = np.random.default_rng([self.seed, aug]) if self.train else None
+        rng = np.random.default_rng([self.seed, aug]) if self.augment else None
         skipped: list[str] = []
         n = len(self)
         for attempt in range(_MAX_SUBSTITUTIONS):
@@ -102,7 +103,7 @@ class _Base(Dataset, abc.ABC):
                 name = self._name(i)
                 log.warning("skipping unreadable image %s (%s: %s)", name, type(e).__name__, e)
                 skipped.append(name)
-                if not self.train:
+                if not self.augment:
                     return {"image": None, "label": -1, "skipped": skipped}
                 continue
             return {"image": to_tensor(arr), "label": label, "skipped": skipped}
@@ -125,8 +126,15 @@ class ImageFolderDataset(_Base):
         seed: augmentation seed.
     """
 
-    def __init__(self, root: str | os.PathLike, image_size: int, train: bool = True, seed: int = 0) -> None:
-        super().__init__(image_size, train, seed)
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        image_size: int,
+        train: bool = True,
+        seed: int = 0,
+        augment: bool | None = None,
+    ) -> None:
+        super().__init__(image_size, train, seed, augment)
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.root}")
@@ -177,8 +185,15 @@ class ArrayDataset(_Base):
     Loaded with allow_pickle=False.
     """
 
-    def __init__(self, path: str | os.PathLike, image_size: int, train: bool = True, seed: int = 0) -> None:
-        super().__init__(image_size, train, seed)
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        image_size: int,
+        train: bool = True,
+        seed: int = 0,
+        augment: bool | None = None,
+    ) -> None:
+        super().__init__(image_size, train, seed, augment)
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"array file not found: {self.path}")
@@ -253,26 +268,25 @@ class PhotosDataset(_Base):
         image_size: int,
         train: bool = True,
         seed: int = 0,
+        augment: bool | None = None,
         scale: int = 4,
         samples_per_epoch: int = 4096,
     ) -> None:
-        super().__init__(image_size, train, seed)
+        super().__init__(image_size, train, seed, augment)
         root = photos_dir()
         names = PHOTOS_TRAIN if train else PHOTOS_EVAL
         self.photos = []
         for n in names:
             im = resize_shorter(load_rgb(root / n), scale * image_size)
             self.photos.append(np.asarray(im))
-        if train:
-            self.length = samples_per_epoch
-        else:
-            s = image_size
-            self.tiles = []
-            for k, arr in enumerate(self.photos):
-                h, w = arr.shape[:2]
-                oy, ox = (h % s) // 2, (w % s) // 2
-                self.tiles += [(k, oy + y * s, ox + x * s) for y in range(h // s) for x in range(w // s)]
-            self.length = len(self.tiles)
+        # The fixed tiling (used without augmentation): non-overlapping crops, centred on each photograph.
+        s = image_size
+        self.tiles = []
+        for k, arr in enumerate(self.photos):
+            h, w = arr.shape[:2]
+            oy, ox = (h % s) // 2, (w % s) // 2
+            self.tiles += [(k, oy + y * s, ox + x * s) for y in range(h // s) for x in range(w // s)]
+        self.length = samples_per_epoch if self.augment else len(self.tiles)
 
     def __len__(self) -> int:
         return self.length
@@ -288,22 +302,60 @@ class PhotosDataset(_Base):
         return _crop(self.photos[k], s, rng, flip=True), -1
 
 
-def build_dataset(spec: str, image_size: int, train: bool = True, seed: int = 0) -> _Base:
-    """Dataset from a spec: a built-in name (`photos`), a folder of images, or a .npy / .npz file.
+class DigitsDataset(_Base):
+    """Built-in labelled `digits`: scikit-learn's 1,797 handwritten 8×8 digits (classes 0–9), upsampled.
+
+    Each 8×8 image (grey levels 0–16) is upsampled bicubically to image_size and shown as white ink on
+    black in RGB. A fixed split holds out every fifth image (index % 5 == 0) for evaluation.
+
+    Args:
+        image_size: output side.
+        train: the training 80% or the held-out 20%.
+        seed, augment: unused (digits are not augmented); kept for a uniform signature.
+    """
+
+    def __init__(
+        self, image_size: int, train: bool = True, seed: int = 0, augment: bool | None = None
+    ) -> None:
+        super().__init__(image_size, train, seed, augment)
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        keep = (np.arange(len(d.target)) % 5 != 0) if train else (np.arange(len(d.target)) % 5 == 0)
+        self.raw = (d.images[keep] * (255.0 / 16.0)).round().astype(np.uint8)  # (n, 8, 8)
+        self.labels = [int(v) for v in d.target[keep]]
+        self.class_names = [str(i) for i in range(10)]
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def _load(self, index: int, rng: np.random.Generator | None) -> tuple[np.ndarray, int]:
+        im = Image.fromarray(self.raw[index]).resize((self.image_size, self.image_size), Image.BICUBIC)
+        return np.repeat(np.asarray(im)[..., None], 3, axis=-1), self.labels[index]
+
+
+def build_dataset(
+    spec: str, image_size: int, train: bool = True, seed: int = 0, augment: bool | None = None
+) -> _Base:
+    """Dataset from a spec: a built-in name (`photos`, `digits`), a folder of images, or a .npy / .npz file.
 
     Args:
         spec: what `--data` names.
         image_size: output side.
-        train: training stream (random crops, flips) or evaluation set (deterministic).
+        train: for built-ins, the training split (else the held-out split); for all, the default of augment.
         seed: augmentation seed.
+        augment: random crops and flips (default: same as train); off gives deterministic center crops.
     """
+    kw = {"train": train, "seed": seed, "augment": augment}
     if spec == "photos":
-        return PhotosDataset(image_size, train=train, seed=seed)
+        return PhotosDataset(image_size, **kw)
+    if spec == "digits":
+        return DigitsDataset(image_size, **kw)
     p = Path(spec)
     if p.is_dir():
-        return ImageFolderDataset(p, image_size, train=train, seed=seed)
+        return ImageFolderDataset(p, image_size, **kw)
     if p.suffix.lower() in (".npy", ".npz"):
-        return ArrayDataset(p, image_size, train=train, seed=seed)
+        return ArrayDataset(p, image_size, **kw)
     if not p.exists():
         raise FileNotFoundError(
             f"--data {spec!r} is neither a built-in dataset ({', '.join(BUILTIN)}) nor an existing "

@@ -15,6 +15,9 @@ from torch import nn
 class KVCache:
     """Per-layer key/value cache preallocated for `max_len` positions.
 
+    Decoding writes each step's keys and values in place into two fixed buffers (B, H, max_len, hd) and
+    attends over the filled prefix, a view: no per-step allocation or concatenation of the past.
+
     Args:
         batch_size: rows decoded together.
         max_len: longest sequence the cache holds.
@@ -34,6 +37,14 @@ class KVCache:
         shape = (batch_size, heads, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def reset(self) -> None:
+        """Forget the cached positions (the buffers are reused, not cleared)."""
         self.length = 0
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,6 +94,9 @@ class Attention(nn.Module):
             if n == 1 or not self.causal:
                 # A single new query may attend to every cached position.
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+            elif past == 0:
+                # Prefill into an empty cache: the ordinary causal mask, no mask tensor to build.
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)
             else:
                 # Prefill of n tokens after `past` cached ones: query i sees keys 0 .. past + i.
                 mask = torch.ones(n, past + n, dtype=torch.bool, device=x.device).tril(diagonal=past)
@@ -170,6 +184,17 @@ class Transformer(nn.Module):
                 taps[i] = x
         x = self.norm(x)
         return x if return_blocks is None else (x, taps)
+
+    def new_caches(self, batch_size: int, max_len: int) -> list[KVCache]:
+        """One empty `KVCache` per block for `batch_size` rows and up to `max_len` positions.
+
+        The caches take the device and dtype of the blocks' weights.
+        """
+        w = self.blocks[0].attn.qkv.weight
+        return [
+            KVCache(batch_size, max_len, b.attn.heads, b.attn.head_dim, device=w.device, dtype=w.dtype)
+            for b in self.blocks
+        ]
 
 
 def init_weights(module: nn.Module, std: float = 0.02) -> None:

@@ -1,0 +1,248 @@
+"""Prior sampling speed: tokens/s with the KV cache and with full-prefix recomputation, printed as JSON.
+
+Configuration (the public figures in PEER_FIGURES.md use the same): 8 blocks, dim 512, 8 heads, MLP 2048,
+vocabulary 8192, class-conditional (class token as prefix), 16×16 grid = 256 new tokens, top-k 100,
+temperature 1, fp32, 2 threads, batch 1 and 8, random weights.
+
+The slow path (`generate_recompute`) is measured directly over its first `--recompute-tokens` tokens. When that
+is fewer than `--tokens`, its rate over all `--tokens` is an ESTIMATE, labelled as such: one recompute step at
+prefix length L costs t(L), timed at a few L from 1 to --tokens and interpolated linearly, and the estimate is
+Σ_L t(L) (a step's cost grows with L, so extrapolating the first tokens' rate would flatter the slow path).
+The same interpolation over the first --recompute-tokens tokens is reported beside the direct measurement
+as a check of the estimate.
+
+The machine's limits are measured in the same run: memory read bandwidth (sum of a 256 MB tensor) and
+sgemm 2048². The bound on cached decoding is (bytes read per decode step: all weights except the embedding
+tables, plus the KV cache at its mean length) ÷ bandwidth, and the matmul FLOPs per step ÷ sgemm speed.
+Usage:
+    python benchmarks/sampling_speed.py [--tokens 256] [--recompute-tokens 64] [--repeats 3] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from vqim import Prior
+from vqim.sampling import generate, generate_recompute, sample_logits
+
+# PEER_FIGURES.md: tokens/s for 256 new tokens at this configuration on a 2-core Xeon (sgemm ≈ 202 GFLOP/s,
+# memory read ≈ 18 GB/s), fp32, 2 threads.
+PEER = {
+    "taming_sample_with_past": {"8": 211.0, "1": 59.1},
+    "llamagen_generate": {"8": 153.0, "1": 49.8},
+    "taming_sample_recompute": {"8": 19.6, "1": 12.0},
+    "memory_read_gb_per_s": 18.0,
+    "sgemm_gflops": 202.0,
+}
+CACHED_PEERS = ("taming_sample_with_past", "llamagen_generate")
+TARGETS = {"cached_over_recompute": 10.0, "cached_over_best_public_cached": 1.2}
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeats: int, device: str) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def memory_read_gb_per_s(device: str, mbytes: int = 256, reps: int = 5) -> float:
+    x = torch.ones(mbytes * 2**20 // 4, device=device)
+    x.sum()
+    t = statistics.median(timed(x.sum, reps, device))
+    return x.numel() * 4 / t / 1e9
+
+
+def sgemm_gflops(device: str, n: int = 2048, reps: int = 5) -> float:
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    a @ b
+    t = statistics.median(timed(lambda: a @ b, reps, device))
+    return 2 * n**3 / t / 1e9
+
+
+def stats(rates: list[float]) -> dict[str, float]:
+    return {
+        "median": round(statistics.median(rates), 2),
+        "min": round(min(rates), 2),
+        "max": round(max(rates), 2),
+    }
+
+
+@torch.no_grad()
+def recompute_step_seconds(prior: Prior, batch: int, length: int, top_k: int, reps: int, device: str) -> float:
+    """Time one step of `generate_recompute` at prefix length `length` (condition + length-1 tokens):
+    the same operations, on random tokens."""
+    v = prior.config.vocab_size
+    labels = torch.zeros(batch, dtype=torch.long, device=device)
+    prefix = torch.randint(0, v, (batch, length - 1), device=device)
+    pos, emb = prior.position_table(), prior.tok_embed.weight
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def step() -> None:
+        cond = prior.embed_condition(labels, batch)
+        seq = torch.cat([cond, F.embedding(prefix, emb) + pos[: length - 1]], dim=1)
+        sample_logits(prior.head(prior.transformer(seq)[:, -1]), 1.0, top_k, None, gen)
+
+    step()
+    return statistics.median(timed(step, reps, device))
+
+
+def estimate_recompute_seconds(
+    prior: Prior, batch: int, tokens: int, top_k: int, reps: int, device: str, points: int = 5
+) -> tuple[float, dict[int, float]]:
+    """Σ_{L=1..tokens} t(L), t linearly interpolated between timed prefix lengths."""
+    lengths = sorted({round(1 + (tokens - 1) * i / (points - 1)) for i in range(points)})
+    t = {L: recompute_step_seconds(prior, batch, L, top_k, reps, device) for L in lengths}
+
+    def interp(L: int) -> float:
+        for a, b in zip(lengths, lengths[1:]):
+            if a <= L <= b:
+                return t[a] + (t[b] - t[a]) * (L - a) / (b - a)
+        return t[lengths[0]]
+
+    return sum(interp(L) for L in range(1, tokens + 1)), t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tokens", type=int, default=256, help="new tokens per sample (≤ 256, the 16×16 grid)")
+    ap.add_argument("--recompute-tokens", type=int, default=64, help="tokens measured on the slow path")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
+    ap.add_argument("--top-k", type=int, default=100)
+    ap.add_argument("--num-classes", type=int, default=1000)
+    args = ap.parse_args()
+    if not 1 <= args.tokens <= 256:
+        ap.error("--tokens must be in [1, 256]")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    dev = args.device
+    batches = [int(b) for b in args.batches.split(",")]
+    rec_tokens = min(args.recompute_tokens, args.tokens)
+
+    prior = Prior.from_preset(
+        "vim-small", vocab_size=8192, grid_size=(16, 16), num_classes=args.num_classes
+    ).to(dev)
+    prior.eval()
+    counts = prior.num_params()
+    d, depth = prior.config.dim, prior.config.depth
+    weight_bytes = 4 * (counts["transformer"] + counts["head"])  # read every step; embeddings: one row each
+    matmul_params = counts["transformer"] + counts["head"]
+    bw = memory_read_gb_per_s(dev)
+    gflops = sgemm_gflops(dev)
+
+    results: dict[str, dict] = {}
+    for b in batches:
+        labels = torch.arange(b, device=dev) % args.num_classes
+        kw = {"labels": labels, "temperature": 1.0, "top_k": args.top_k}
+
+        def cached(b=b, kw=kw) -> None:
+            generate(prior, b, seed=0, num_tokens=args.tokens, **kw)
+
+        def recompute(b=b, kw=kw) -> None:
+            generate_recompute(prior, b, seed=0, num_tokens=rec_tokens, **kw)
+
+        for _ in range(args.warmup):
+            cached()
+        c_rates = [b * args.tokens / t for t in timed(cached, args.repeats, dev)]
+        recompute()
+        r_rates = [b * rec_tokens / t for t in timed(recompute, max(1, args.repeats), dev)]
+        row: dict = {
+            "cached_tokens_per_s": stats(c_rates),
+            f"recompute_tokens_per_s_measured_first_{rec_tokens}_tokens": stats(r_rates),
+        }
+        if rec_tokens < args.tokens:
+            total_s, per_len = estimate_recompute_seconds(prior, b, args.tokens, args.top_k, args.repeats, dev)
+            check_s, _ = estimate_recompute_seconds(prior, b, rec_tokens, args.top_k, args.repeats, dev)
+            r_full = b * args.tokens / total_s
+            row[f"recompute_tokens_per_s_ESTIMATED_{args.tokens}_tokens"] = round(r_full, 2)
+            row["recompute_estimate_method"] = (
+                "sum over prefix lengths L=1..tokens of one timed recompute step t(L), linear interpolation "
+                "between timed lengths"
+            )
+            row["recompute_step_seconds_by_prefix_length"] = {str(k): round(v, 5) for k, v in per_len.items()}
+            row[f"recompute_estimate_check_first_{rec_tokens}_tokens"] = {
+                "estimated_tokens_per_s": round(b * rec_tokens / check_s, 2),
+                "measured_tokens_per_s": round(statistics.median(r_rates), 2),
+            }
+        else:
+            r_full = statistics.median(r_rates)
+        c_med = statistics.median(c_rates)
+        row["cached_over_recompute"] = round(c_med / r_full, 2)
+        public = {name: PEER[name][str(b)] for name in CACHED_PEERS if str(b) in PEER[name]}
+        if public:
+            best_name = max(public, key=public.get)
+            best = PEER[best_name][str(b)]
+            row["best_public_cached"] = {"name": best_name, "tokens_per_s": best}
+            row["cached_over_best_public_cached"] = round(c_med / best, 2)
+            if dev == "cpu":
+                # The public figure scaled by this machine's memory bandwidth relative to theirs.
+                row["cached_over_best_public_cached_bandwidth_normalised"] = round(
+                    c_med / (best * bw / PEER["memory_read_gb_per_s"]), 2
+                )
+            row["cached_over_public_recompute"] = round(c_med / PEER["taming_sample_recompute"][str(b)], 2)
+        # Bounds for cached decoding at this batch: bytes and FLOPs per decode step.
+        kv_bytes = 4 * 2 * depth * b * d * (args.tokens / 2)  # keys + values at the mean cached length
+        step_flops = 2 * matmul_params * b + 4 * depth * b * d * (args.tokens / 2)
+        mem_bound = bw * 1e9 / weight_bytes * b
+        mem_kv_bound = bw * 1e9 / (weight_bytes + kv_bytes) * b
+        flop_bound = gflops * 1e9 / step_flops * b
+        row["bound_tokens_per_s"] = {
+            "weights_only_memory": round(mem_bound, 1),
+            "weights_and_kv_cache_memory": round(mem_kv_bound, 1),
+            "matmul_flops": round(flop_bound, 1),
+            "roofline": round(min(mem_kv_bound, flop_bound), 1),
+        }
+        row["cached_share_of_roofline"] = round(c_med / min(mem_kv_bound, flop_bound), 3)
+        row["meets_targets"] = {
+            "cached_over_recompute>=10": row["cached_over_recompute"] >= TARGETS["cached_over_recompute"],
+            "cached_over_best_public_cached>=1.2": (
+                row.get("cached_over_best_public_cached", 0.0) >= TARGETS["cached_over_best_public_cached"]
+            ),
+        }
+        results[str(b)] = row
+
+    out = {
+        "config": {
+            "preset": "vim-small",
+            **{k: v for k, v in prior.config.to_dict().items() if k not in ("dropout", "class_dropout")},
+            "tokens": args.tokens,
+            "recompute_tokens": rec_tokens,
+            "top_k": args.top_k,
+            "temperature": 1.0,
+            "dtype": "float32",
+        },
+        "params": counts,
+        "device": dev,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "memory_read_gb_per_s": round(bw, 2),
+        "sgemm_gflops": round(gflops, 1),
+        "weight_bytes_per_decode_step": weight_bytes,
+        "batches": results,
+        "peer_figures": PEER,
+        "targets": TARGETS,
+    }
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

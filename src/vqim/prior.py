@@ -1,0 +1,325 @@
+"""VIM prior: a decoder-only causal Transformer over raster-order image tokens (ViT-VQGAN, Stage 2).
+
+Sequence layout. For tokens (B, T), T ≤ h·w, in raster order, the network reads
+
+    [cond, tokens[:, 0], ..., tokens[:, T-2]]                                   (B, T, D)
+
+and `logits[:, i]` is the distribution of `tokens[:, i]` given the condition and `tokens[:, :i]`: the targets are
+the tokens themselves, no shift is needed by the caller. `cond` is a learned start vector for an unconditional
+prior, or the embedding of the class for a class-conditional one (its own table of `num_classes + 1` rows; row
+`num_classes` is the "null" class used for label dropout in training and for classifier-free guidance) plus a
+learned position of its own. Token j carries the position embedding row[j // w] + col[j % w].
+
+Sampling lives beside the model in `vqim.sampling` (prefill + cached decode, guidance, top-k / top-p).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vqim.checkpoint import load_model_dir, save_model_dir
+from vqim.config import PriorConfig, get_prior_config
+from vqim.nn.transformer import Transformer
+
+LabelsLike = torch.Tensor | int | Iterable[int] | None
+
+
+@dataclass
+class PriorOutput:
+    """Result of `Prior.forward`.
+
+    Attributes:
+        logits: (B, T, V); logits[:, i] scores tokens[:, i] given the condition and tokens[:, :i].
+        blocks: block index (0-based) → that block's output hidden states (B, T, D), for the blocks asked for
+            with `return_blocks`; None otherwise. Position i is the state after reading the condition and
+            tokens[:, :i] (the state that predicts tokens[:, i]), before the final LayerNorm.
+    """
+
+    logits: torch.Tensor
+    blocks: dict[int, torch.Tensor] | None = None
+
+
+class Prior(nn.Module):
+    """Decoder-only causal Transformer over token ids, unconditional or class-conditional.
+
+    Args:
+        config: a `PriorConfig`; see `Prior.from_preset` for named sizes.
+
+    Example:
+        >>> prior = Prior.from_preset("vim-tiny", vocab_size=512, grid_size=(8, 8), num_classes=10)
+        >>> tokens = torch.randint(0, 512, (4, 8, 8))
+        >>> loss = prior.loss(tokens, labels=torch.tensor([0, 1, 2, 3]))   # nats per token
+        >>> samples = prior.generate(4, labels=3, top_k=100, seed=0)        # (4, 8, 8)
+    """
+
+    def __init__(self, config: PriorConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        h, w = c.grid_size
+        self.tok_embed = nn.Embedding(c.vocab_size, c.dim)
+        # Learned 2-D position embedding: a row table and a column table, summed.
+        self.pos_row = nn.Parameter(torch.zeros(h, c.dim))
+        self.pos_col = nn.Parameter(torch.zeros(w, c.dim))
+        if c.conditional:
+            self.class_embed = nn.Embedding(c.num_classes + 1, c.dim)  # row num_classes = null class
+            self.cond_pos = nn.Parameter(torch.zeros(c.dim))  # the condition token's own position
+            self.start = None
+        else:
+            self.class_embed = None
+            self.cond_pos = None
+            self.start = nn.Parameter(torch.zeros(c.dim))  # learned start token
+        self.drop = nn.Dropout(c.dropout)
+        # Blocks + final LayerNorm; dropout on residual branches, MLP activations and attention probabilities.
+        self.transformer = Transformer(c.dim, c.depth, c.heads, c.mlp_dim, c.dropout, causal=True)
+        self.head = nn.Linear(c.dim, c.vocab_size)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ construction
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """GPT-2 initialisation: N(0, 0.02) weights and embeddings, zero biases, unit LayerNorm; the projections
+        that write into the residual stream (attention output, second MLP layer) get std / sqrt(2·depth), so the
+        residual stream's variance does not grow with depth. With LayerNorm before a small head the logits start
+        near zero and the loss near ln(vocab_size)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=std)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        residual_std = std / math.sqrt(2 * self.config.depth)
+        for blk in self.transformer.blocks:
+            nn.init.normal_(blk.attn.proj.weight, std=residual_std)
+            nn.init.normal_(blk.mlp.fc2.weight, std=residual_std)
+        for p in (self.pos_row, self.pos_col, self.cond_pos, self.start):
+            if p is not None:
+                nn.init.normal_(p, std=std)
+
+    @classmethod
+    def from_preset(
+        cls,
+        name: str,
+        vocab_size: int | None = None,
+        grid_size: tuple[int, int] | None = None,
+        num_classes: int | None = None,
+        **overrides: Any,
+    ) -> Prior:
+        """A freshly initialised prior of a named preset (`vqim.config.prior_presets()`).
+
+        Args:
+            name: preset name, e.g. "vim-base", "vim-large", "vim-small" or "vim-tiny".
+            vocab_size: the tokenizer's codebook_size (None keeps the preset's).
+            grid_size: the tokenizer's grid_size (h, w) (None keeps the preset's).
+            num_classes: 0 for an unconditional prior, C for C classes (None keeps the preset's, 0).
+            **overrides: any other `PriorConfig` field, e.g. depth=2, dropout=0.0.
+        """
+        return cls(get_prior_config(name, vocab_size, grid_size, num_classes, **overrides))
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write `config.json` and `model.safetensors` into directory (atomically, file by file)."""
+        save_model_dir(directory, "prior", self.config.to_dict(), self.state_dict())
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> Prior:
+        """Load a prior written by `save_pretrained` (safetensors + JSON; nothing is unpickled), in eval mode."""
+        cfg, state = load_model_dir(directory, "prior", device)
+        model = cls(PriorConfig.from_dict(cfg)).to(device)
+        model.load_state_dict(state)
+        return model.eval()
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return self.config.grid_size
+
+    @property
+    def null_class(self) -> int | None:
+        """Label id of the null class (= num_classes) of a conditional prior; None when unconditional."""
+        return self.config.num_classes if self.config.conditional else None
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    def num_params(self) -> dict[str, int]:
+        """Parameter counts: embeddings (token, position, class/start), Transformer, head and the total."""
+        count = lambda ps: sum(p.numel() for p in ps)
+        emb = [self.tok_embed.weight, self.pos_row, self.pos_col]
+        emb += [p for p in (self.cond_pos, self.start) if p is not None]
+        if self.class_embed is not None:
+            emb.append(self.class_embed.weight)
+        return {
+            "embeddings": count(emb),
+            "transformer": count(self.transformer.parameters()),
+            "head": count(self.head.parameters()),
+            "total": count(self.parameters()),
+        }
+
+    # ------------------------------------------------------------------ checks
+    def check_tokens(self, tokens: Any) -> torch.Tensor:
+        """Validate token ids (B, T) with 1 ≤ T ≤ h·w, or a full grid (B, h, w); return them as (B, T) int64."""
+        if not isinstance(tokens, torch.Tensor):
+            raise ValueError(f"tokens must be a LongTensor of shape (B, T), got {type(tokens).__name__}")
+        if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+            raise ValueError(f"tokens must be an integer tensor, got dtype {tokens.dtype}")
+        h, w = self.config.grid_size
+        if tokens.ndim == 3:
+            if tuple(tokens.shape[1:]) != (h, w):
+                raise ValueError(f"a token grid must have shape (B, {h}, {w}), got {tuple(tokens.shape)}")
+            tokens = tokens.reshape(tokens.shape[0], h * w)
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must have shape (B, T) or (B, {h}, {w}), got {tuple(tokens.shape)}")
+        t = tokens.shape[1]
+        if not 1 <= t <= h * w:
+            raise ValueError(f"sequence length T = {t} must be in [1, h·w = {h * w}] for the {h}×{w} grid")
+        v = self.config.vocab_size
+        if tokens.numel() and bool(((tokens < 0) | (tokens >= v)).any()):
+            lo, hi = int(tokens.min()), int(tokens.max())
+            raise ValueError(f"token ids must be in [0, {v}), got values in [{lo}, {hi}]")
+        return tokens.long()
+
+    def check_labels(self, labels: LabelsLike, batch_size: int) -> torch.Tensor | None:
+        """Validate class labels: an int, a sequence or a tensor of B ints in [0, num_classes]; id num_classes is
+        the null class. Returns a LongTensor (B,) on the model's device, or None for an unconditional prior."""
+        c = self.config.num_classes
+        if not self.config.conditional:
+            if labels is not None:
+                raise ValueError("this prior is unconditional (num_classes = 0): pass labels=None")
+            return None
+        if labels is None:
+            raise ValueError(
+                f"this prior is class-conditional ({c} classes): pass labels, a LongTensor (B,) of ids in "
+                f"[0, {c}) (or {c}, the null class)"
+            )
+        if isinstance(labels, bool):
+            raise ValueError("labels must be ints, got a bool")
+        if isinstance(labels, int):
+            labels = torch.full((batch_size,), labels, dtype=torch.long)
+        elif not isinstance(labels, torch.Tensor):
+            labels = torch.as_tensor(list(labels))
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+        if labels.ndim == 0:
+            labels = labels.expand(batch_size)
+        if labels.shape != (batch_size,):
+            raise ValueError(f"labels must have shape ({batch_size},), got {tuple(labels.shape)}")
+        if bool(((labels < 0) | (labels > c)).any()):
+            raise ValueError(
+                f"labels must be in [0, {c}) (or {c}, the null class), got values in "
+                f"[{int(labels.min())}, {int(labels.max())}]"
+            )
+        return labels.to(self.device, torch.long)
+
+    # ------------------------------------------------------------------ model pieces (also used by sampling)
+    def position_table(self) -> torch.Tensor:
+        """Position embedding of every grid position in raster order, (h·w, D)."""
+        h, w = self.config.grid_size
+        return (self.pos_row[:, None, :] + self.pos_col[None, :, :]).reshape(h * w, -1)
+
+    def embed_condition(self, labels: torch.Tensor | None, batch_size: int) -> torch.Tensor:
+        """The first input vector of each row, (B, 1, D): the start token, or class embedding + its position.
+
+        Args:
+            labels: LongTensor (B,) already checked (see `check_labels`), or None for an unconditional prior.
+            batch_size: B.
+        """
+        if self.class_embed is None:
+            return self.start.expand(batch_size, 1, -1)
+        return (self.class_embed(labels) + self.cond_pos)[:, None, :]
+
+    def drop_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """Replace each label by the null class with probability class_dropout (training only)."""
+        p = self.config.class_dropout
+        if not self.training or p == 0.0:
+            return labels
+        drop = torch.rand(labels.shape, device=labels.device) < p
+        return labels.masked_fill(drop, self.config.num_classes)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        labels: LabelsLike = None,
+        return_blocks: Iterable[int] | None = None,
+    ) -> PriorOutput:
+        """Next-token logits for every position of tokens.
+
+        Args:
+            tokens: LongTensor (B, T) of ids in [0, vocab_size), 1 ≤ T ≤ h·w, in raster order; or a grid (B, h, w).
+            labels: class ids (B,) (or one int for the whole batch) of a conditional prior, in [0, num_classes]
+                where num_classes is the null class; None for an unconditional prior. In training mode each label
+                becomes the null class with probability class_dropout.
+            return_blocks: 0-based block indices whose outputs to return in `PriorOutput.blocks`.
+
+        Returns:
+            `PriorOutput` with logits (B, T, V): logits[:, i] is the distribution of tokens[:, i] given the
+            condition and tokens[:, :i].
+        """
+        tokens = self.check_tokens(tokens)
+        b, t = tokens.shape
+        labels = self.check_labels(labels, b)
+        if labels is not None:
+            labels = self.drop_labels(labels)
+        taps = None
+        if return_blocks is not None:
+            taps = sorted({int(i) for i in return_blocks})
+            depth = self.config.depth
+            if any(not 0 <= i < depth for i in taps):
+                raise ValueError(f"return_blocks must be block indices in [0, {depth}), got {taps}")
+        cond = self.embed_condition(labels, b)  # (B, 1, D)
+        body = self.tok_embed(tokens[:, : t - 1]) + self.position_table()[: t - 1]  # (B, T-1, D)
+        x = self.drop(torch.cat([cond, body], dim=1))  # (B, T, D)
+        if taps is None:
+            return PriorOutput(logits=self.head(self.transformer(x)))
+        x, blocks = self.transformer(x, return_blocks=taps)
+        return PriorOutput(logits=self.head(x), blocks=blocks)
+
+    def loss(self, tokens: torch.Tensor, labels: LabelsLike = None) -> torch.Tensor:
+        """Mean next-token cross-entropy in nats per token (a scalar); divide by ln 2 for bits per token.
+
+        Args:
+            tokens, labels: as in `forward`.
+        """
+        tokens = self.check_tokens(tokens)
+        logits = self(tokens, labels).logits  # (B, T, V)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens.reshape(-1))
+
+    def bits_per_token(self, tokens: torch.Tensor, labels: LabelsLike = None) -> torch.Tensor:
+        """`loss` in bits per token."""
+        return nats_to_bits(self.loss(tokens, labels))
+
+    # ------------------------------------------------------------------ sampling
+    def generate(
+        self,
+        n: int,
+        labels: LabelsLike = None,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        cfg_scale: float = 1.0,
+        seed: int | None = None,
+    ) -> torch.Tensor:
+        """Sample n token grids, LongTensor (n, h, w), with the KV cache. See `vqim.sampling.generate`."""
+        from vqim.sampling import generate
+
+        return generate(self, n, labels, temperature, top_k, top_p, cfg_scale, seed)
+
+
+def nats_to_bits(x: torch.Tensor | float) -> torch.Tensor | float:
+    """Convert a loss in nats to bits."""
+    return x / math.log(2)
+
+
+__all__ = ["Prior", "PriorOutput", "nats_to_bits"]

@@ -1,0 +1,226 @@
+"""Sampling from a `Prior`: temperature / top-k / top-p, classifier-free guidance, prefill + cached decode.
+
+`generate` runs the condition token through the network once (prefill), then decodes one token at a time:
+each step feeds only the newest token and attends over keys and values kept in a preallocated per-layer
+`KVCache`, so a step costs one pass over the weights instead of a pass over the whole prefix.
+`generate_recompute` recomputes the full prefix every step; it is the slow reference for tests and benchmarks.
+
+Classifier-free guidance (Ho & Salimans 2022; LlamaGen) runs the conditional rows and the same number of
+null-class rows as one batch of 2n and samples from  logits = uncond + s · (cond − uncond);  s = 1 is plain
+conditional sampling and runs only the n conditional rows.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from vqim.prior import LabelsLike, Prior
+    from vqim.tokenizer import Tokenizer
+
+
+def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Raise ValueError for a negative temperature, top_k < 1 or top_p outside (0, 1]."""
+    if not temperature >= 0.0:  # also rejects NaN
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be None or in (0, 1], got {top_p}")
+
+
+def sample_logits(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Draw one id per row from logits (B, V); returns a LongTensor (B,).
+
+    Filters apply in the order temperature → top-k → top-p (as in Hugging Face transformers): top-p keeps the
+    smallest set of the highest-probability ids, among those top-k left, whose mass reaches top_p (the most
+    likely id is always kept).
+
+    Args:
+        logits: unnormalised scores (B, V).
+        temperature: divides the logits; 0 means greedy (argmax).
+        top_k: keep only the k highest logits (None = all); top_k = 1 is greedy.
+        top_p: nucleus mass in (0, 1] (None or 1 = no nucleus filtering).
+        generator: random source (None = torch's global generator); must live on the logits' device.
+    """
+    if temperature == 0.0 or top_k == 1:
+        return logits.argmax(dim=-1)
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    ids = None  # (B, k) vocabulary ids of the kept candidates, in descending order of logit
+    if top_k is not None and top_k < logits.shape[-1]:
+        logits, ids = logits.topk(top_k, dim=-1)  # (B, k), sorted: only k candidates go on
+    elif top_p is not None and top_p < 1.0:
+        logits, ids = logits.sort(dim=-1, descending=True)
+    if top_p is not None and top_p < 1.0:
+        probs = logits.softmax(dim=-1)
+        # Drop a candidate when the mass of the (more likely) candidates before it already reaches top_p.
+        before = probs.cumsum(dim=-1) - probs
+        logits = logits.masked_fill(before >= top_p, float("-inf"))
+    choice = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)  # (B, 1)
+    if ids is not None:
+        choice = ids.gather(-1, choice)
+    return choice.squeeze(-1)
+
+
+def generate(
+    prior: Prior,
+    n: int,
+    labels: LabelsLike = None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    cfg_scale: float = 1.0,
+    seed: int | None = None,
+    *,
+    num_tokens: int | None = None,
+) -> torch.Tensor:
+    """Sample token grids from a prior with the KV cache: prefill the condition, then decode token by token.
+
+    Args:
+        prior: a `vqim.Prior`; it runs in eval mode and no_grad inside, and its mode is restored after.
+        n: number of samples.
+        labels: class ids (n,), or one int for all, of a conditional prior; None for an unconditional one.
+        temperature, top_k, top_p: see `sample_logits`.
+        cfg_scale: classifier-free guidance scale s (conditional priors; 1 = no guidance).
+        seed: seeds a torch.Generator on the prior's device, so the same seed gives the same samples;
+            None draws from torch's global generator.
+        num_tokens: stop after this many raster-order tokens and return (n, num_tokens) (for benchmarks).
+
+    Returns:
+        LongTensor (n, h, w) of token ids on the prior's device (or (n, num_tokens), see above).
+    """
+    return _sample(prior, n, labels, temperature, top_k, top_p, cfg_scale, seed, num_tokens, cache=True)
+
+
+def generate_recompute(
+    prior: Prior,
+    n: int,
+    labels: LabelsLike = None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    cfg_scale: float = 1.0,
+    seed: int | None = None,
+    *,
+    num_tokens: int | None = None,
+) -> torch.Tensor:
+    """`generate` without the KV cache: every step runs the whole prefix through the network again.
+
+    The slow reference: with the same seed it draws the same random numbers in the same order as `generate`,
+    so the two agree token for token up to floating-point ties. Arguments as in `generate`.
+    """
+    return _sample(prior, n, labels, temperature, top_k, top_p, cfg_scale, seed, num_tokens, cache=False)
+
+
+@torch.no_grad()
+def _sample(
+    prior: Prior,
+    n: int,
+    labels: LabelsLike,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    cfg_scale: float,
+    seed: int | None,
+    num_tokens: int | None,
+    cache: bool,
+) -> torch.Tensor:
+    cfg = prior.config
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    check_sampling_args(temperature, top_k, top_p)
+    total = cfg.seq_len if num_tokens is None else num_tokens
+    if not 1 <= total <= cfg.seq_len:
+        raise ValueError(f"num_tokens must be in [1, h·w = {cfg.seq_len}], got {num_tokens}")
+    guided = cfg_scale != 1.0
+    if guided and not cfg.conditional:
+        raise ValueError("classifier-free guidance (cfg_scale != 1) needs a class-conditional prior")
+    labels = prior.check_labels(labels, n)  # (n,) or None
+    rows = n
+    if guided:
+        labels = torch.cat([labels, torch.full_like(labels, cfg.num_classes)])  # conditional, then null rows
+        rows = 2 * n
+    device = prior.device
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+
+    was_training = prior.training
+    prior.eval()
+    try:
+        out = torch.empty(n, total, dtype=torch.long, device=device)  # sampled ids, filled column by column
+        cond = prior.embed_condition(labels, rows)  # (R, 1, D)
+        pos = prior.position_table()  # (h·w, D), computed once
+        emb = prior.tok_embed.weight  # (V, D)
+        blocks, head = prior.transformer, prior.head
+        # Positions held: the condition plus tokens 0 .. total-2 (the last sampled token is never fed back).
+        caches = blocks.new_caches(rows, total) if cache else None
+        x = cond
+        for i in range(total):
+            if cache:
+                h = blocks(x, caches)[:, -1]  # x: only the newest input, (R, 1, D) → (R, D)
+            else:
+                prefix = out[:, :i].repeat(rows // n, 1)  # (R, i)
+                seq = torch.cat([cond, F.embedding(prefix, emb) + pos[:i]], dim=1)  # (R, i+1, D)
+                h = blocks(seq)[:, -1]
+            logits = head(h)  # (R, V)
+            if guided:
+                c, u = logits[:n], logits[n:]
+                logits = u + cfg_scale * (c - u)
+            tok = sample_logits(logits, temperature, top_k, top_p, generator)  # (n,)
+            out[:, i] = tok
+            if cache and i + 1 < total:
+                fed = torch.cat([tok, tok]) if guided else tok  # both halves continue with the same token
+                x = (F.embedding(fed, emb) + pos[i])[:, None, :]  # (R, 1, D)
+    finally:
+        prior.train(was_training)
+    if num_tokens is None:
+        return out.view(n, *cfg.grid_size)
+    return out
+
+
+def generate_images(
+    tokenizer: Tokenizer,
+    prior: Prior,
+    n: int,
+    labels: LabelsLike = None,
+    **sampling_kwargs,
+) -> torch.Tensor:
+    """Sample n token grids from the prior and decode them: images (n, 3, H, W) in [0, 1].
+
+    Args:
+        tokenizer: a `vqim.Tokenizer` whose codebook_size and grid_size match the prior's vocab_size and
+            grid_size.
+        prior: a `vqim.Prior`.
+        n: number of images.
+        labels: class ids of a conditional prior (see `generate`).
+        **sampling_kwargs: temperature, top_k, top_p, cfg_scale, seed (see `generate`).
+    """
+    tcfg, pcfg = tokenizer.config, prior.config
+    if tcfg.codebook_size != pcfg.vocab_size:
+        raise ValueError(
+            f"the prior's vocab_size {pcfg.vocab_size} does not match the tokenizer's codebook_size "
+            f"{tcfg.codebook_size}: train the prior on this tokenizer's tokens"
+        )
+    if tuple(tokenizer.grid_size) != tuple(pcfg.grid_size):
+        raise ValueError(
+            f"the prior's grid_size {tuple(pcfg.grid_size)} does not match the tokenizer's grid_size "
+            f"{tuple(tokenizer.grid_size)}"
+        )
+    bad = sorted(set(sampling_kwargs) - {"temperature", "top_k", "top_p", "cfg_scale", "seed"})
+    if bad:
+        raise ValueError(f"unknown sampling arguments {bad}; use temperature, top_k, top_p, cfg_scale, seed")
+    ids = generate(prior, n, labels, **sampling_kwargs)  # (n, h, w)
+    return tokenizer.decode(ids.to(next(tokenizer.parameters()).device))
+
+
+__all__ = ["sample_logits", "generate", "generate_recompute", "generate_images", "check_sampling_args"]

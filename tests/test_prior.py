@@ -1,0 +1,433 @@
+"""Tests of vqim.Prior and vqim.sampling with tiny configurations (CPU, well under a second each)."""
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from vqim import (
+    Prior,
+    PriorConfig,
+    Tokenizer,
+    generate,
+    generate_images,
+    generate_recompute,
+    get_prior_config,
+    prior_presets,
+    sample_logits,
+)
+from vqim.nn.transformer import KVCache
+
+V = 64
+GRID = (3, 4)  # h ≠ w, so a transposed position table would show
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and a busy machine makes OpenMP threads wait on each other."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(num_classes: int = 0, **overrides) -> Prior:
+    kw = {"dim": 32, "depth": 2, "heads": 4, "mlp_dim": 64}
+    kw.update(overrides)
+    return Prior.from_preset("vim-tiny", vocab_size=V, grid_size=GRID, num_classes=num_classes, **kw)
+
+
+def random_tokens(b: int, t: int = 12, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, V, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------- config
+
+
+def test_config_json_round_trip_and_presets():
+    cfg = get_prior_config("vim-small", vocab_size=8192, grid_size=(16, 16), num_classes=1000)
+    d = json.loads(json.dumps(cfg.to_dict()))
+    assert d["grid_size"] == [16, 16]
+    assert PriorConfig.from_dict(d) == cfg
+    assert PriorConfig.from_dict(d).grid_size == (16, 16)
+    assert set(prior_presets()) >= {"vim-base", "vim-large", "vim-small", "vim-tiny"}
+    base, large = get_prior_config("vim-base"), get_prior_config("vim-large")
+    assert (base.depth, base.heads, base.dim, base.mlp_dim) == (24, 16, 1536, 6144)
+    assert (large.depth, large.heads, large.dim, large.mlp_dim) == (36, 32, 2048, 8192)
+    assert get_prior_config("vim-base", depth=2).depth == 2
+    with pytest.raises(ValueError, match="unknown prior preset"):
+        get_prior_config("vim-huge")
+    with pytest.raises(ValueError, match="unknown prior config fields"):
+        get_prior_config("vim-tiny", widht=3)
+    with pytest.raises(ValueError, match="unknown prior config keys"):
+        PriorConfig.from_dict({**d, "extra": 1})
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"dim": 30, "heads": 4},
+        {"grid_size": (4,)},
+        {"grid_size": (0, 4)},
+        {"vocab_size": 1},
+        {"num_classes": -1},
+        {"dropout": 1.0},
+        {"class_dropout": -0.1},
+        {"depth": 0},
+    ],
+)
+def test_config_validation(bad):
+    with pytest.raises(ValueError):
+        PriorConfig(**bad)
+
+
+# ---------------------------------------------------------------------- forward, cache, causality
+
+
+@pytest.mark.parametrize("num_classes", [0, 5])
+def test_kv_cache_decoding_matches_uncached_forward(num_classes):
+    """Feeding the prefix token by token through the KV cache gives the logits of the full forward.
+
+    Not bit-exact on CPU: a (1, D) × (D, D') product and the same row inside a (T, D) × (D, D') product go
+    through different BLAS blockings, and single-query attention sums in another order than the causal kernel,
+    so results differ in the last bits (~1e-7 here). Hence a 1e-5 absolute tolerance, and the same argmax.
+    """
+    torch.manual_seed(0)
+    prior = tiny(num_classes).eval()
+    tokens = random_tokens(3)
+    labels = torch.tensor([0, 4, 5]) if num_classes else None  # 5 = the null class
+    with torch.no_grad():
+        full = prior(tokens, labels).logits  # (3, 12, V)
+        caches = prior.transformer.new_caches(3, tokens.shape[1])
+        pos = prior.position_table()
+        x = prior.embed_condition(prior.check_labels(labels, 3), 3)
+        steps = []
+        for i in range(tokens.shape[1]):
+            steps.append(prior.head(prior.transformer(x, caches)))
+            x = prior.tok_embed(tokens[:, i : i + 1]) + pos[i]
+    cached = torch.cat(steps, dim=1)
+    torch.testing.assert_close(cached, full, rtol=0, atol=1e-5)
+    assert torch.equal(cached.argmax(-1), full.argmax(-1))
+
+
+def test_prefill_of_several_tokens_after_cached_ones_matches_forward():
+    """The masked prefill path (n > 1 new tokens after `past` cached ones) sees exactly the right keys."""
+    torch.manual_seed(1)
+    prior = tiny(3).eval()
+    tokens = random_tokens(2, seed=1)
+    labels = torch.tensor([1, 2])
+    with torch.no_grad():
+        full = prior(tokens, labels).logits
+        pos = prior.position_table()
+        emb = prior.tok_embed(tokens) + pos[:12]  # token j at input position j + 1
+        caches = prior.transformer.new_caches(2, 12)
+        x0 = torch.cat([prior.embed_condition(labels, 2), emb[:, :4]], dim=1)  # condition + tokens 0..3
+        a = prior.head(prior.transformer(x0, caches))  # prefill into an empty cache: positions 0..4
+        b = prior.head(prior.transformer(emb[:, 4:8], caches))  # 4 more after 5 cached: positions 5..8
+        c = prior.head(prior.transformer(emb[:, 8:11], caches))  # the rest one call at a time
+    torch.testing.assert_close(torch.cat([a, b, c], dim=1), full, rtol=0, atol=1e-5)
+
+
+def test_kv_cache_overflow_and_reset():
+    cache = KVCache(1, 3, 2, 4)
+    k = torch.randn(1, 2, 2, 4)
+    cache.append(k, k)
+    with pytest.raises(ValueError, match="overflow"):
+        cache.append(k, k)
+    cache.reset()
+    keys, _ = cache.append(k, k)
+    assert cache.length == 2 and cache.capacity == 3 and torch.equal(keys, k)
+
+
+@pytest.mark.parametrize("num_classes", [0, 5])
+def test_causality(num_classes):
+    """logits[:, i] depends on tokens[:, :i] only: changing tokens[:, t] leaves logits[:, :t+1] unchanged."""
+    torch.manual_seed(2)
+    prior = tiny(num_classes).eval()
+    tokens = random_tokens(2, seed=2)
+    labels = torch.tensor([1, 3]) if num_classes else None
+    with torch.no_grad():
+        base = prior(tokens, labels).logits
+        for t in (0, 5, 11):
+            other = tokens.clone()
+            other[:, t] = (other[:, t] + 1) % V
+            changed = prior(other, labels).logits
+            torch.testing.assert_close(changed[:, : t + 1], base[:, : t + 1], rtol=0, atol=1e-6)
+            if t + 1 < tokens.shape[1]:
+                assert not torch.allclose(changed[:, t + 1], base[:, t + 1])
+
+
+def test_shorter_sequences_and_grids():
+    torch.manual_seed(3)
+    prior = tiny().eval()
+    tokens = random_tokens(2)
+    with torch.no_grad():
+        full = prior(tokens).logits
+        assert prior(tokens.view(2, *GRID)).logits.shape == (2, 12, V)  # a (B, h, w) grid is flattened
+        for t in (1, 5):
+            torch.testing.assert_close(prior(tokens[:, :t]).logits, full[:, :t], rtol=0, atol=1e-6)
+
+
+def test_return_blocks():
+    torch.manual_seed(4)
+    prior = tiny(5, depth=3).eval()
+    tokens, labels = random_tokens(2, t=7), torch.tensor([0, 1])
+    with torch.no_grad():
+        out = prior(tokens, labels, return_blocks=[0, 2])
+        plain = prior(tokens, labels)
+    assert sorted(out.blocks) == [0, 2]
+    for h in out.blocks.values():
+        assert h.shape == (2, 7, 32)
+    assert plain.blocks is None
+    torch.testing.assert_close(out.logits, plain.logits, rtol=0, atol=0)
+    # The last block's output, through the final LayerNorm and the head, is the logits.
+    last = prior.head(prior.transformer.norm(out.blocks[2]))
+    torch.testing.assert_close(last, out.logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="return_blocks"):
+        prior(tokens, labels, return_blocks=[3])
+
+
+# ---------------------------------------------------------------------- loss and training
+
+
+def test_loss_at_initialisation_is_ln_vocab():
+    torch.manual_seed(5)
+    prior = Prior.from_preset("vim-tiny", vocab_size=512, grid_size=(4, 4), num_classes=10).eval()
+    tokens = torch.randint(0, 512, (8, 16))
+    with torch.no_grad():
+        loss = prior.loss(tokens, torch.arange(8))
+        bits = prior.bits_per_token(tokens, torch.arange(8))
+    assert loss.ndim == 0
+    assert abs(loss.item() - math.log(512)) < 0.05 * math.log(512)
+    assert bits.item() == pytest.approx(loss.item() / math.log(2), rel=1e-6)
+
+
+def test_tiny_prior_overfits_one_batch():
+    torch.manual_seed(6)
+    prior = tiny(3, dropout=0.0, class_dropout=0.0).train()
+    tokens, labels = random_tokens(4, seed=6), torch.tensor([0, 1, 2, 0])
+    opt = torch.optim.Adam(prior.parameters(), lr=1e-2)
+    first = None
+    for _ in range(60):
+        loss = prior.loss(tokens, labels)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first > 0.9 * math.log(V)
+    assert loss.item() < 0.1 * math.log(V)
+
+
+@pytest.mark.parametrize("num_classes", [0, 5])
+def test_every_parameter_gets_a_finite_gradient(num_classes):
+    torch.manual_seed(7)
+    prior = tiny(num_classes, class_dropout=0.0).train()
+    labels = torch.tensor([0, 4, 5]) if num_classes else None
+    loss = prior.loss(random_tokens(3, seed=7), labels)
+    assert torch.isfinite(loss)
+    loss.backward()
+    for name, p in prior.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_dropout_only_in_training():
+    torch.manual_seed(8)
+    prior = tiny(dropout=0.5).eval()
+    tokens = random_tokens(2)
+    with torch.no_grad():
+        assert torch.equal(prior(tokens).logits, prior(tokens).logits)
+        prior.train()
+        assert not torch.equal(prior(tokens).logits, prior(tokens).logits)
+
+
+def test_label_dropout_uses_the_null_class_in_training_only():
+    torch.manual_seed(9)
+    prior = tiny(5, dropout=0.0, class_dropout=0.5)
+    tokens = random_tokens(1).expand(64, -1)
+    labels = torch.full((64,), 2)
+    with torch.no_grad():
+        prior.eval()
+        cond = prior(tokens[:1], labels[:1]).logits
+        null = prior(tokens[:1], torch.tensor([5])).logits
+        assert not torch.allclose(cond, null)  # the class token changes the output
+        assert torch.equal(prior(tokens, labels).logits, cond.expand(64, -1, -1))  # no label dropout in eval
+        prior.train()
+        out = prior(tokens, labels).logits
+    is_cond = (out - cond).abs().amax(dim=(1, 2)) < 1e-5
+    is_null = (out - null).abs().amax(dim=(1, 2)) < 1e-5
+    assert torch.all(is_cond ^ is_null)
+    assert 10 < int(is_null.sum()) < 54
+
+
+# ---------------------------------------------------------------------- sampling
+
+
+def test_sample_logits_filters():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 50, generator=g)
+    greedy = logits.argmax(-1)
+    assert torch.equal(sample_logits(logits, top_k=1), greedy)
+    assert torch.equal(sample_logits(logits, temperature=0.0), greedy)
+    assert torch.equal(sample_logits(logits, temperature=1e-4, generator=g), greedy)
+    # Top-k = 2: only the two highest ids ever come out.
+    top2 = logits.topk(2).indices
+    for _ in range(20):
+        s = sample_logits(logits, top_k=2, generator=g)
+        assert torch.all((s[:, None] == top2).any(-1))
+
+
+def test_top_p_on_a_hand_made_distribution():
+    # Probabilities 0.5, 0.3, 0.15, 0.05 at ids 3, 0, 2, 1 (ids shuffled, so the mapping back is checked).
+    probs = torch.tensor([0.3, 0.05, 0.15, 0.5])
+    logits = probs.log().expand(4000, -1)
+    g = torch.Generator().manual_seed(1)
+    s = sample_logits(logits, top_p=0.7, generator=g)  # keeps 0.5 + 0.3 (0.8 ≥ 0.7), drops the rest
+    assert set(s.tolist()) == {0, 3}
+    assert (s == 3).float().mean().item() == pytest.approx(0.5 / 0.8, abs=0.03)
+    assert set(sample_logits(logits, top_p=0.5, generator=g).tolist()) == {3}  # 0.5 alone reaches 0.5
+    assert set(sample_logits(logits, top_p=0.85, generator=g).tolist()) == {0, 2, 3}
+    assert set(sample_logits(logits, top_p=0.83, generator=g).tolist()) == {0, 2, 3}  # 0.8 < 0.83
+    # Top-p acts on the distribution that top-k left: after top-3, mass before id 2 is 0.8 / 0.95 ≥ 0.83.
+    assert set(sample_logits(logits, top_k=3, top_p=0.83, generator=g).tolist()) == {0, 3}
+    assert set(sample_logits(logits, top_p=1.0, generator=g).tolist()) == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("num_classes", [0, 5])
+def test_seeds(num_classes):
+    torch.manual_seed(10)
+    prior = tiny(num_classes)
+    labels = 2 if num_classes else None
+    a = prior.generate(3, labels, seed=123)
+    assert a.shape == (3, *GRID) and a.dtype == torch.long
+    assert int(a.min()) >= 0 and int(a.max()) < V
+    assert torch.equal(a, prior.generate(3, labels, seed=123))
+    assert not torch.equal(a, prior.generate(3, labels, seed=124))
+
+
+@pytest.mark.parametrize(
+    "num_classes, kw",
+    [
+        (0, {"top_k": 1}),
+        (0, {"temperature": 1.0}),
+        (5, {"top_k": 1, "cfg_scale": 2.0}),
+        (5, {"top_k": 10, "top_p": 0.9, "temperature": 0.8}),
+        (5, {"cfg_scale": 3.0}),
+    ],
+)
+def test_cached_generate_equals_recompute(num_classes, kw):
+    torch.manual_seed(11)
+    prior = tiny(num_classes)
+    labels = torch.tensor([0, 1, 4, 2]) if num_classes else None
+    cached = generate(prior, 4, labels, seed=7, **kw)
+    assert torch.equal(cached, generate_recompute(prior, 4, labels, seed=7, **kw))
+    part = generate(prior, 4, labels, seed=7, num_tokens=5, **kw)
+    assert torch.equal(part, cached.view(4, -1)[:, :5])
+
+
+def test_guidance_uses_the_null_class():
+    """Greedy guided sampling equals a loop by hand over the uncached forward with labels and the null class."""
+    torch.manual_seed(12)
+    prior = tiny(5).eval()
+    labels, s = torch.tensor([1, 3]), 3.0
+    ids = torch.zeros(2, 0, dtype=torch.long)
+    with torch.no_grad():
+        for i in range(12):
+            step = torch.cat([ids, torch.zeros(2, 1, dtype=torch.long)], dim=1)  # the last id is not read
+            c = prior(step, labels).logits[:, i]
+            u = prior(step, torch.full((2,), 5)).logits[:, i]
+            ids = torch.cat([ids, (u + s * (c - u)).argmax(-1, keepdim=True)], dim=1)
+    guided = prior.generate(2, labels, top_k=1, cfg_scale=s)
+    assert torch.equal(guided.view(2, -1), ids)
+    # s = 1 is plain conditional sampling; another scale changes the samples.
+    plain = prior.generate(2, labels, seed=3)
+    assert torch.equal(prior.generate(2, labels, seed=3, cfg_scale=1.0), plain)
+    assert not torch.equal(prior.generate(2, labels, seed=3, cfg_scale=4.0), plain)
+    assert not torch.equal(guided, prior.generate(2, labels, top_k=1))
+
+
+def test_generate_leaves_the_mode_and_ignores_dropout():
+    torch.manual_seed(13)
+    prior = tiny(5, dropout=0.5)
+    prior.train()
+    a = prior.generate(2, 1, seed=0)
+    assert prior.training
+    prior.eval()
+    assert torch.equal(a, prior.generate(2, 1, seed=0))
+    assert not prior.training
+
+
+def test_generate_images():
+    torch.manual_seed(14)
+    tok = Tokenizer.from_preset("vit-vqgan-tiny", image_size=32).eval()  # 4×4 tokens, 512 codes
+    prior = Prior.from_preset("vim-tiny", vocab_size=512, grid_size=(4, 4), num_classes=3, depth=1, dim=32)
+    images = generate_images(tok, prior, 2, labels=[0, 2], top_k=50, seed=0)
+    assert images.shape == (2, 3, 32, 32)
+    assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0
+    with pytest.raises(ValueError, match="vocab_size"):
+        generate_images(tok, Prior.from_preset("vim-tiny", vocab_size=64, grid_size=(4, 4), depth=1), 1)
+    with pytest.raises(ValueError, match="grid_size"):
+        generate_images(tok, Prior.from_preset("vim-tiny", vocab_size=512, grid_size=(8, 8), depth=1), 1)
+    with pytest.raises(ValueError, match="unknown sampling arguments"):
+        generate_images(tok, prior, 1, labels=0, topk=3)
+
+
+# ---------------------------------------------------------------------- checkpoints
+
+
+def test_save_load_gives_bit_identical_logits(tmp_path):
+    torch.manual_seed(15)
+    prior = tiny(5).eval()
+    prior.save_pretrained(tmp_path / "prior")
+    cfg = json.loads((tmp_path / "prior" / "config.json").read_text())
+    assert cfg["vqim_type"] == "prior" and cfg["grid_size"] == list(GRID)
+    loaded = Prior.from_pretrained(tmp_path / "prior")
+    assert loaded.config == prior.config and not loaded.training
+    tokens, labels = random_tokens(2), torch.tensor([0, 5])
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens, labels).logits, prior(tokens, labels).logits)
+    assert torch.equal(loaded.generate(2, labels, seed=1), prior.generate(2, labels, seed=1))
+    with pytest.raises(ValueError, match="tokenizer"):
+        Tokenizer.from_pretrained(tmp_path / "prior")
+
+
+# ---------------------------------------------------------------------- errors
+
+
+def test_errors_are_value_errors():
+    cond, uncond = tiny(5).eval(), tiny().eval()
+    tokens = random_tokens(2)
+    cases = [
+        lambda: uncond(tokens.clone().fill_(V)),  # id out of range
+        lambda: uncond(tokens - 1 - tokens.max()),  # negative ids
+        lambda: uncond(tokens.float()),  # not integers
+        lambda: uncond(torch.zeros(2, 13, dtype=torch.long)),  # T > h·w
+        lambda: uncond(torch.zeros(2, 0, dtype=torch.long)),  # T = 0
+        lambda: uncond(torch.zeros(2, 4, 3, dtype=torch.long)),  # wrong grid
+        lambda: uncond(tokens, labels=torch.tensor([0, 1])),  # labels for an unconditional prior
+        lambda: cond(tokens),  # no labels for a conditional prior
+        lambda: cond(tokens, labels=torch.tensor([0, 6])),  # label out of range (5 is the null class)
+        lambda: cond(tokens, labels=torch.tensor([0, -1])),
+        lambda: cond(tokens, labels=torch.tensor([0, 1, 2])),  # wrong length
+        lambda: cond(tokens, labels=torch.tensor([0.0, 1.0])),
+        lambda: uncond.generate(2, cfg_scale=2.0),  # guidance needs classes
+        lambda: cond.generate(0, 1),
+        lambda: cond.generate(1, 1, top_p=0.0),
+        lambda: cond.generate(1, 1, top_k=0),
+        lambda: cond.generate(1, 1, temperature=-1.0),
+        lambda: generate(cond, 1, 1, num_tokens=13),
+    ]
+    for i, case in enumerate(cases):
+        with pytest.raises(ValueError):
+            case()
+            pytest.fail(f"case {i} raised nothing")
+
+
+def test_presets_build():
+    for name in ("vim-tiny", "vim-small"):
+        cfg = get_prior_config(name, vocab_size=16, grid_size=(2, 2), num_classes=2)
+        prior = Prior(dataclasses.replace(cfg, depth=1))
+        assert prior.num_params()["total"] == sum(p.numel() for p in prior.parameters())
