@@ -84,7 +84,9 @@ def stats(rates: list[float]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def recompute_step_seconds(prior: Prior, batch: int, length: int, top_k: int, reps: int, device: str) -> float:
+def recompute_step_seconds(
+    prior: Prior, batch: int, length: int, top_k: int, reps: int, device: str
+) -> float:
     """Time one step of `generate_recompute` at prefix length `length` (condition + length-1 tokens):
     the same operations, on random tokens."""
     v = prior.config.vocab_size
@@ -170,7 +172,9 @@ def main() -> None:
             f"recompute_tokens_per_s_measured_first_{rec_tokens}_tokens": stats(r_rates),
         }
         if rec_tokens < args.tokens:
-            total_s, per_len = estimate_recompute_seconds(prior, b, args.tokens, args.top_k, args.repeats, dev)
+            total_s, per_len = estimate_recompute_seconds(
+                prior, b, args.tokens, args.top_k, args.repeats, dev
+            )
             check_s, _ = estimate_recompute_seconds(prior, b, rec_tokens, args.top_k, args.repeats, dev)
             r_full = b * args.tokens / total_s
             row[f"recompute_tokens_per_s_ESTIMATED_{args.tokens}_tokens"] = round(r_full, 2)

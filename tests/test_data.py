@@ -187,3 +187,23 @@ def test_loader_with_workers_reports_skips(tmp_path):
     batch = next(iter(loader))
     assert batch["image"].shape == (4, 3, 8, 8)
     assert [Path(p).name for p in batch["skipped"]] == ["bad.png"]
+
+
+def test_labels_from_csv(tmp_path):
+    _write_images(tmp_path / "imgs", 3)
+    (tmp_path / "labels.csv").write_text("path,label\nimg0.png,zebra\nimg1.png,ant\nimg2.png,zebra\n")
+    ds = ImageFolderDataset(tmp_path / "imgs", 8, train=False, labels_csv=tmp_path / "labels.csv")
+    assert ds.class_names == ["ant", "zebra"]
+    assert [ds[i]["label"] for i in range(3)] == [1, 0, 1]
+    (tmp_path / "short.csv").write_text("path,label\nimg0.png,zebra\n")
+    with pytest.raises(ValueError, match="no label for 2 image"):
+        ImageFolderDataset(tmp_path / "imgs", 8, labels_csv=tmp_path / "short.csv")
+
+
+def test_digits_builtin_split_and_labels():
+    tr, ev = build_dataset("digits", 32, train=True), build_dataset("digits", 32, train=False)
+    assert len(tr) + len(ev) == 1797 and len(ev) == 360
+    assert tr.class_names == [str(i) for i in range(10)]
+    assert sorted({ev[i]["label"] for i in range(len(ev))}) == list(range(10))
+    x = tr[0]["image"]
+    assert x.shape == (3, 32, 32) and torch.equal(x[0], x[1])  # grey ink shown in RGB

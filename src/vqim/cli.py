@@ -143,7 +143,8 @@ def cmd_encode(a: argparse.Namespace) -> None:
     device = _device(a.device)
     tok = _load_tokenizer(a.tokenizer, device)
     # Center crops, no augmentation; --split picks a built-in dataset's split (folders and arrays: all).
-    ds = build_dataset(a.data, a.image_size or tok.config.image_size, train=a.split == "train", augment=False)
+    size = a.image_size or tok.config.image_size
+    ds = build_dataset(a.data, size, train=a.split == "train", augment=False, labels_csv=a.labels_csv)
     manifest = encode_dataset(
         tok, ds, a.out, batch_size=a.batch_size, shard_size=a.shard_size, num_workers=a.num_workers,
         device=device, progress=not a.no_progress,
@@ -218,6 +219,9 @@ def add_use_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-size", type=int, default=8192)
     p.add_argument("--split", choices=["train", "eval"], default="train",
                    help="split of a built-in dataset (photos, digits) to encode")  # fmt: skip
+    p.add_argument(
+        "--labels-csv", default=None, help="labels for an image folder: CSV with columns path,label"
+    )
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_encode)

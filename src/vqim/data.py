@@ -133,6 +133,7 @@ class ImageFolderDataset(_Base):
         train: bool = True,
         seed: int = 0,
         augment: bool | None = None,
+        labels_csv: str | os.PathLike | None = None,
     ) -> None:
         super().__init__(image_size, train, seed, augment)
         self.root = Path(root)
@@ -148,13 +149,39 @@ class ImageFolderDataset(_Base):
                 f"({', '.join(BUILTIN)})"
             )
         rel = [p.relative_to(self.root).parts for p in self.files]
-        if all(len(r) >= 2 for r in rel):
+        if labels_csv is not None:
+            self._labels_from_csv(Path(labels_csv))
+        elif all(len(r) >= 2 for r in rel):
             self.class_names = sorted({r[0] for r in rel})
             index = {c: i for i, c in enumerate(self.class_names)}
             self.labels = [index[r[0]] for r in rel]
         else:
             self.labels = [-1] * len(self.files)
         self._check_readable()
+
+    def _labels_from_csv(self, path: Path) -> None:
+        """Labels from a CSV with columns `path,label` (path relative to the folder, or a bare file name)."""
+        import csv
+
+        if not path.is_file():
+            raise FileNotFoundError(f"labels CSV not found: {path}")
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        if not rows or not {"path", "label"} <= set(rows[0]):
+            raise ValueError(f"{path}: expected a header with columns 'path' and 'label'")
+        by_path = {r["path"].strip(): r["label"].strip() for r in rows}
+        names = sorted(set(by_path.values()))
+        index = {c: i for i, c in enumerate(names)}
+        labels, missing = [], []
+        for p in self.files:
+            key = p.relative_to(self.root).as_posix()
+            lab = by_path.get(key, by_path.get(p.name))
+            if lab is None:
+                missing.append(key)
+            labels.append(-1 if lab is None else index[lab])
+        if missing:
+            raise ValueError(f"{path}: no label for {len(missing)} image(s), e.g. {missing[:3]}")
+        self.class_names, self.labels = names, labels
 
     def _check_readable(self) -> None:
         for p in self.files:
@@ -335,7 +362,12 @@ class DigitsDataset(_Base):
 
 
 def build_dataset(
-    spec: str, image_size: int, train: bool = True, seed: int = 0, augment: bool | None = None
+    spec: str,
+    image_size: int,
+    train: bool = True,
+    seed: int = 0,
+    augment: bool | None = None,
+    labels_csv: str | os.PathLike | None = None,
 ) -> _Base:
     """Dataset from a spec: a built-in name (`photos`, `digits`), a folder of images, or a .npy / .npz file.
 
@@ -345,6 +377,7 @@ def build_dataset(
         train: for built-ins, the training split (else the held-out split); for all, the default of augment.
         seed: augmentation seed.
         augment: random crops and flips (default: same as train); off gives deterministic center crops.
+        labels_csv: for a folder, labels from a CSV (`path,label`) instead of class sub-folders.
     """
     kw = {"train": train, "seed": seed, "augment": augment}
     if spec == "photos":
@@ -353,7 +386,9 @@ def build_dataset(
         return DigitsDataset(image_size, **kw)
     p = Path(spec)
     if p.is_dir():
-        return ImageFolderDataset(p, image_size, **kw)
+        return ImageFolderDataset(p, image_size, labels_csv=labels_csv, **kw)
+    if labels_csv is not None:
+        raise ValueError("--labels-csv applies to image folders only")
     if p.suffix.lower() in (".npy", ".npz"):
         return ArrayDataset(p, image_size, **kw)
     if not p.exists():
