@@ -84,7 +84,7 @@ def main() -> None:
     tok = Tokenizer.from_preset("vit-vqgan-ss", **bench_config()).to(dev)
     params = sum(p.numel() for p in tok.parameters())
     model = torch.compile(tok) if args.compile else tok
-    opt = torch.optim.AdamW(tok.parameters(), lr=1e-4, betas=(0.9, 0.99), weight_decay=1e-4)
+    opt = torch.optim.AdamW(tok.parameters(), lr=1e-4, betas=(0.9, 0.99), weight_decay=1e-4, fused=True)
     x_train = torch.rand(args.train_batch, 3, 128, 128, device=dev)
     x_enc = torch.rand(args.encode_batch, 3, 128, 128, device=dev)
     amp = torch.autocast(dev, dtype=torch.bfloat16, enabled=args.bf16)

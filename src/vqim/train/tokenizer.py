@@ -175,7 +175,9 @@ def train_tokenizer(
         preview_set = dataset
 
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else cfg.steps // 10
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, fused=True
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, cfg.steps, warmup, cfg.min_lr_ratio)
     )
