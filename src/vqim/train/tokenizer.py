@@ -27,6 +27,14 @@ from vqim.data import StepSampler, build_dataset, collate
 from vqim.metrics import psnr
 from vqim.tokenizer import Tokenizer
 from vqim.train import state as st
+from vqim.train.common import (
+    gather_names,
+    make_accelerator,
+    param_groups,
+    restore_checkpoint,
+    save_checkpoint,
+    tensorboard,
+)
 
 log = logging.getLogger(__name__)
 
@@ -91,20 +99,9 @@ def lr_lambda(step: int, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay weight matrices only: not biases, norms, position embeddings or the codebook."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim < 2 or name.endswith("pos.weight") or name.endswith("codebook"):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
+    """Weight decay on weight matrices only: not the position tables or the codebook."""
+    return name.endswith("pos.weight") or name.endswith("codebook")
 
 
 def reset_optimizer_rows(opt: torch.optim.Optimizer, param: torch.nn.Parameter, rows: torch.Tensor) -> None:
@@ -126,21 +123,6 @@ def save_grid(images: torch.Tensor, recon: torch.Tensor, path: Path) -> torch.Te
     return grid
 
 
-def _accelerator(mixed_precision: str):
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
-
-    if mixed_precision == "auto":
-        mixed_precision = "bf16" if torch.cuda.is_available() else "no"
-    return Accelerator(
-        # Without a GPU, cpu=True makes Accelerate join a multi-process launch (torchrun or
-        # `accelerate launch --multi_gpu`) as a gloo process group instead of running alone.
-        cpu=not torch.cuda.is_available(),
-        mixed_precision=mixed_precision,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
-    )
-
-
 def train_tokenizer(
     cfg: TokenizerTrainConfig, on_end: Callable[[Tokenizer, Any], None] | None = None
 ) -> dict[str, Any]:
@@ -152,7 +134,7 @@ def train_tokenizer(
     """
     from tqdm.auto import tqdm
 
-    acc = _accelerator(cfg.mixed_precision)
+    acc = make_accelerator(cfg.mixed_precision)
     rank, world, main = acc.process_index, acc.num_processes, acc.is_main_process
     out = Path(cfg.out)
     ckpt_root = out / "checkpoints"
@@ -176,21 +158,16 @@ def train_tokenizer(
 
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else cfg.steps // 10
     optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, fused=True
+        param_groups(model, cfg.weight_decay, _no_decay), lr=cfg.lr, betas=cfg.betas, fused=True
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, cfg.steps, warmup, cfg.min_lr_ratio)
     )
     shared_meta: dict[str, Any] = {}
     if resume_from is not None:
-        tensors, shared_meta = st.read_shared_state(resume_from)
-        st.optimizer_from_flat(optimizer, "opt", tensors, shared_meta["optimizer"])
-        scheduler.load_state_dict(shared_meta["scheduler"])
+        tensors, shared_meta = restore_checkpoint(resume_from, rank, optimizer, scheduler)
         model.quantizer.code_age.copy_(tensors["quantizer.code_age"])
         start_step = int(shared_meta["step"])
-        rt, rm = st.read_process_state(resume_from, rank)
-        st.set_rng_state(rt, rm)
-        log.info("resumed from %s at step %d", resume_from, start_step)
     else:
         torch.manual_seed(cfg.seed + 1000 * rank)
 
@@ -201,11 +178,7 @@ def train_tokenizer(
     if main:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "train_config.json", {**dataclasses.asdict(cfg), "tokenizer": tcfg.to_dict()})
-    writer = None
-    if main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out / "tb"))
+    writer = tensorboard(out, main)
 
     def loader_from(step: int, seed: int) -> DataLoader:
         sampler = StepSampler(len(dataset), cfg.batch_size, rank, world, seed=seed, start_step=step)
@@ -234,29 +207,16 @@ def train_tokenizer(
 
     preview = next(iter(DataLoader(preview_set, batch_size=8, collate_fn=collate)))["image"].to(device)
 
-    def save_checkpoint(step: int) -> None:
-        tmp = st.tmp_dir(ckpt_root, step)
-        if main:
-            raw.save_pretrained(tmp)
-            tensors, ometa = st.optimizer_to_flat(optimizer.optimizer, "opt")
-            tensors["quantizer.code_age"] = raw.quantizer.code_age
-            meta = {
-                "step": step,
-                "optimizer": ometa,
-                "scheduler": scheduler.state_dict(),
-                "skipped": sorted(skipped),
-                "restarted_codes": restarted_total,
-                "nonfinite_steps": nonfinite_total,
-                "world_size": world,
-            }
-            st.write_shared_state(tmp, tensors, meta)
-        acc.wait_for_everyone()
-        rt, rm = st.rng_state()
-        st.write_process_state(tmp, rank, rt, rm)
-        acc.wait_for_everyone()
-        if main:
-            st.commit(ckpt_root, step, cfg.keep_checkpoints)
-        acc.wait_for_everyone()
+    def checkpoint(step: int) -> None:
+        meta = {
+            "skipped": sorted(skipped),
+            "restarted_codes": restarted_total,
+            "nonfinite_steps": nonfinite_total,
+        }
+        extra = {"quantizer.code_age": raw.quantizer.code_age}
+        save_checkpoint(
+            acc, ckpt_root, step, raw, optimizer.optimizer, scheduler, extra, meta, cfg.keep_checkpoints
+        )
 
     data_iter = iter(loader_from(start_step, cfg.seed))
     bar = tqdm(
@@ -336,15 +296,13 @@ def train_tokenizer(
             )
             out_of_time = float(acc.reduce(flag, "sum")) > 0
         if step % cfg.ckpt_every == 0 or step == cfg.steps or out_of_time:
-            save_checkpoint(step)
+            checkpoint(step)
         if out_of_time:
             log.info("time budget of %.0f s reached at step %d", cfg.max_seconds, step)
             break
     bar.close()
 
-    from accelerate.utils import gather_object
-
-    all_skipped = sorted(set().union(*gather_object([sorted(skipped)]))) if world > 1 else sorted(skipped)
+    all_skipped = gather_names(acc, skipped)
     summary = {
         "steps": step,
         "resumed_from": str(resume_from) if resume_from else None,

@@ -1,0 +1,104 @@
+"""Loop helpers shared by the tokenizer and prior trainers: Accelerate setup, parameter groups, checkpoints."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vqim.train import state as st
+
+log = logging.getLogger(__name__)
+
+
+def make_accelerator(mixed_precision: str = "auto"):
+    """An Accelerator for CPU, one GPU, or a multi-process launch; bf16 autocast on GPU under "auto"."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if torch.cuda.is_available() else "no"
+    return Accelerator(
+        # Without a GPU, cpu=True makes Accelerate join a multi-process launch (torchrun or
+        # `accelerate launch --multi_gpu`) as a gloo process group instead of running alone.
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=mixed_precision,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+    )
+
+
+def param_groups(
+    model: torch.nn.Module, weight_decay: float, no_decay: Callable[[str, torch.nn.Parameter], bool]
+) -> list[dict[str, Any]]:
+    """Two AdamW groups: decayed parameters, and those for which no_decay(name, p) is true."""
+    decay, keep = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (keep if p.ndim < 2 or no_decay(name, p) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
+
+
+def save_checkpoint(
+    acc,
+    root: Path,
+    step: int,
+    model,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    extra_tensors: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    keep: int,
+) -> None:
+    """Write model (save_pretrained layout) + training state into root/step-N, atomically, on all processes.
+
+    The main process writes the model, optimizer, scheduler and `meta`; every process writes its RNG state;
+    the folder is renamed into place once complete.
+    """
+    tmp = st.tmp_dir(root, step)
+    if acc.is_main_process:
+        model.save_pretrained(tmp)
+        tensors, ometa = st.optimizer_to_flat(optimizer, "opt")
+        tensors.update(extra_tensors)
+        full = {"step": step, "optimizer": ometa, "scheduler": scheduler.state_dict(), **meta}
+        full["world_size"] = acc.num_processes
+        st.write_shared_state(tmp, tensors, full)
+    acc.wait_for_everyone()
+    rt, rm = st.rng_state()
+    st.write_process_state(tmp, acc.process_index, rt, rm)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        st.commit(root, step, keep)
+    acc.wait_for_everyone()
+
+
+def restore_checkpoint(
+    directory: Path, rank: int, optimizer: torch.optim.Optimizer, scheduler
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load optimizer, scheduler and this process's RNG state; returns the shared (tensors, meta)."""
+    tensors, meta = st.read_shared_state(directory)
+    st.optimizer_from_flat(optimizer, "opt", tensors, meta["optimizer"])
+    scheduler.load_state_dict(meta["scheduler"])
+    rt, rm = st.read_process_state(directory, rank)
+    st.set_rng_state(rt, rm)
+    log.info("resumed from %s at step %d", directory, int(meta["step"]))
+    return tensors, meta
+
+
+def gather_names(acc, names: set[str]) -> list[str]:
+    """Union of a set of strings over processes (e.g. skipped files)."""
+    if acc.num_processes == 1:
+        return sorted(names)
+    from accelerate.utils import gather_object
+
+    return sorted(set().union(*gather_object([sorted(names)])))
+
+
+def tensorboard(out: Path, main: bool):
+    if not main:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(out / "tb"))
