@@ -19,6 +19,7 @@ from vqim import (
     sample_logits,
 )
 from vqim.nn.transformer import KVCache
+from vqim.sampling import Decoder
 
 V = 64
 GRID = (3, 4)  # h ≠ w, so a transposed position table would show
@@ -128,6 +129,25 @@ def test_prefill_of_several_tokens_after_cached_ones_matches_forward():
         b = prior.head(prior.transformer(emb[:, 4:8], caches))  # 4 more after 5 cached: positions 5..8
         c = prior.head(prior.transformer(emb[:, 8:11], caches))  # the rest one call at a time
     torch.testing.assert_close(torch.cat([a, b, c], dim=1), full, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_decoder_steps_match_uncached_forward(pack):
+    """The flat decode step of `generate` (optionally with MKL-packed weights) computes Prior.forward's logits."""
+    torch.manual_seed(16)
+    prior = tiny(5).eval()
+    tokens, labels = random_tokens(3, seed=16), torch.tensor([0, 4, 5])
+    with torch.no_grad():
+        full = prior(tokens, labels).logits
+        dec = Decoder(prior, rows=3, max_len=12, pack=pack)
+        pos = prior.position_table()
+        x = prior.embed_condition(labels, 3)[:, 0]
+        steps = []
+        for i in range(12):
+            steps.append(dec.step(x))
+            x = prior.tok_embed(tokens[:, i]) + pos[i]
+    assert dec.length == 12
+    torch.testing.assert_close(torch.stack(steps, dim=1), full, rtol=0, atol=1e-5)
 
 
 def test_kv_cache_overflow_and_reset():
@@ -318,14 +338,18 @@ def test_seeds(num_classes):
         (5, {"cfg_scale": 3.0}),
     ],
 )
-def test_cached_generate_equals_recompute(num_classes, kw):
+@pytest.mark.parametrize("n", [1, 4])  # one row decodes with plain F.linear, several with packed weights
+def test_cached_generate_equals_recompute(num_classes, kw, n):
     torch.manual_seed(11)
     prior = tiny(num_classes)
-    labels = torch.tensor([0, 1, 4, 2]) if num_classes else None
-    cached = generate(prior, 4, labels, seed=7, **kw)
-    assert torch.equal(cached, generate_recompute(prior, 4, labels, seed=7, **kw))
-    part = generate(prior, 4, labels, seed=7, num_tokens=5, **kw)
-    assert torch.equal(part, cached.view(4, -1)[:, :5])
+    labels = torch.tensor([0, 1, 4, 2][:n]) if num_classes else None
+    cached = generate(prior, n, labels, seed=7, **kw)
+    assert torch.equal(cached, generate_recompute(prior, n, labels, seed=7, **kw))
+    part = generate(prior, n, labels, seed=7, num_tokens=5, **kw)
+    assert torch.equal(part, cached.view(n, -1)[:, :5])
+    # An ordinary tensor, not an inference-mode one: the caller may write into it.
+    assert not cached.is_inference() and not cached.requires_grad
+    cached[0, 0, 0] = 1
 
 
 def test_guidance_uses_the_null_class():

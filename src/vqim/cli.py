@@ -244,6 +244,186 @@ def add_use_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_eval_tokenizer)
 
 
+# ---------------------------------------------------------------------------------------------- prior
+def add_prior_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train-prior", help="train a VIM prior on token shards from `vqim encode`")
+    p.add_argument("--tokens", required=True, help="token folder written by `vqim encode`")
+    p.add_argument("--val-tokens", default=None, help="held-out token folder (default: every 20th sequence)")
+    p.add_argument(
+        "--val-every", type=int, default=20, help="hold out every N-th sequence of --tokens (0: none)"
+    )
+    p.add_argument("--preset", default="vim-tiny")
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=4.5e-4, help="peak learning rate (paper: 4.5e-4)")
+    p.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of --steps")
+    p.add_argument("--decay-start", type=int, default=None, help="default: half of --steps")
+    p.add_argument("--final-lr", type=float, default=1e-5)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--dropout", type=float, default=None, help="override the preset's dropout")
+    p.add_argument("--class-dropout", type=float, default=None, help="label dropout for guidance")
+    p.add_argument("--unconditional", action="store_true", help="ignore labels")
+    p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--ckpt-every", type=int, default=500)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--mixed-precision", choices=["auto", "no", "bf16"], default="auto")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train_prior)
+
+    def sampling(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--temperature", type=float, default=1.0)
+        p.add_argument("--top-k", type=int, default=None)
+        p.add_argument("--top-p", type=float, default=None)
+        p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance (1: none)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("sample", help="sample images: a PNG grid (a row per class) and single PNGs")
+    p.add_argument("--prior", required=True)
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--classes", default=None, help="comma-separated class ids (class-conditional priors)")
+    p.add_argument("--n", type=int, default=8, help="samples per class (or in all, unconditional)")
+    p.add_argument("--out", required=True)
+    sampling(p)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("eval-prior", help="bits per token on held-out tokens; sample accuracy on digits")
+    p.add_argument("--prior", required=True)
+    p.add_argument("--tokens", required=True, help="token folder to score")
+    p.add_argument("--val-every", type=int, default=0,
+                   help="score only every N-th sequence (the hold-out train-prior carves by default: 20)")  # fmt: skip
+    p.add_argument("--tokenizer", default=None, help="with --data digits: also score generated samples")
+    p.add_argument("--data", default=None, help="labelled built-in data for the sample classifier: digits")
+    p.add_argument("--samples-per-class", type=int, default=20)
+    sampling(p)
+    p.set_defaults(func=cmd_eval_prior)
+
+
+def cmd_train_prior(a: argparse.Namespace) -> None:
+    from vqim.train.prior import PriorTrainConfig, train_prior
+
+    model = {
+        k: v for k, v in {"dropout": a.dropout, "class_dropout": a.class_dropout}.items() if v is not None
+    }
+    cfg = PriorTrainConfig(
+        out=a.out, tokens=a.tokens, val_tokens=a.val_tokens, val_every=a.val_every, preset=a.preset, model=model,
+        unconditional=a.unconditional, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
+        warmup_steps=a.warmup_steps, decay_start=a.decay_start, final_lr=a.final_lr, weight_decay=a.weight_decay,
+        eval_every=a.eval_every, seed=a.seed, log_every=a.log_every, ckpt_every=a.ckpt_every, resume=a.resume,
+        mixed_precision=a.mixed_precision, progress=not a.no_progress,
+    )  # fmt: skip
+    _json_out(train_prior(cfg))
+
+
+def _load_pair(prior_dir: str, tokenizer_dir: str, device: str):
+    from vqim.checkpoint import read_json
+    from vqim.prior import Prior
+
+    prior = Prior.from_pretrained(prior_dir, device=device)
+    tok = _load_tokenizer(tokenizer_dir, device)
+    info = Path(prior_dir) / "tokens.json"
+    if info.is_file():
+        want = read_json(info).get("tokenizer_config_hash")
+        if want and want != tok.config.hash():
+            raise ValueError(
+                f"the prior in {prior_dir} was trained on tokens of tokenizer {want}, but {tokenizer_dir} is "
+                f"tokenizer {tok.config.hash()}; pass the tokenizer used by `vqim encode`"
+            )
+    return prior, tok
+
+
+def _class_list(text: str | None, prior) -> list[int] | None:
+    c = prior.config.num_classes
+    if c == 0:
+        if text:
+            raise ValueError("--classes given, but the prior is unconditional")
+        return None
+    ids = list(range(c)) if not text else [int(v) for v in text.split(",")]
+    bad = [i for i in ids if not 0 <= i < c]
+    if bad:
+        raise ValueError(f"--classes {bad} out of range: the prior has classes 0..{c - 1}")
+    return ids
+
+
+def cmd_sample(a: argparse.Namespace) -> None:
+    import torch
+    from torchvision.utils import make_grid, save_image
+
+    from vqim.checkpoint import atomic_write
+    from vqim.sampling import generate_images
+
+    device = _device(a.device)
+    prior, tok = _load_pair(a.prior, a.tokenizer, device)
+    classes = _class_list(a.classes, prior)
+    kw = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, cfg_scale=a.cfg_scale, seed=a.seed)
+    if classes is None:
+        images = generate_images(tok, prior, a.n, **kw).cpu()
+        nrow = min(8, a.n)
+    else:
+        labels = torch.tensor([c for c in classes for _ in range(a.n)], device=device)
+        images = generate_images(tok, prior, len(labels), labels=labels, **kw).cpu()
+        nrow = a.n
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    grid = make_grid(images, nrow=nrow, padding=2)
+    atomic_write(out / "grid.png", lambda tmp: save_image(grid, tmp, format="png"))
+    for i, im in enumerate(images):
+        tag = f"class{classes[i // a.n]}_" if classes is not None else ""
+        atomic_write(out / f"{tag}{i:04d}.png", lambda tmp, im=im: save_image(im, tmp, format="png"))
+    _json_out({"images": len(images), "grid": str(out / "grid.png"), "classes": classes})
+
+
+def cmd_eval_prior(a: argparse.Namespace) -> None:
+    from vqim.prior import Prior
+    from vqim.tokens import TokenDataset
+    from vqim.train.prior import evaluate_bits_per_token
+
+    device = _device(a.device)
+    prior = Prior.from_pretrained(a.prior, device=device)
+    split = "val" if a.val_every > 0 else "all"
+    ds = TokenDataset(a.tokens, split=split, val_every=a.val_every)
+    ds.check_compatible(prior.config.vocab_size, tuple(prior.config.grid_size))
+    result = {"bits_per_token": evaluate_bits_per_token(prior, ds, device=device), "sequences": len(ds)}
+    if a.tokenizer and a.data:
+        result.update(sample_accuracy(a, device))
+    _json_out(result)
+
+
+def sample_accuracy(a: argparse.Namespace, device: str) -> dict[str, Any]:
+    """Accuracy of a classifier trained on the real images, on samples of each class (built-in digits)."""
+    import numpy as np
+    import torch
+
+    from vqim.classifier import fit_sample_classifier
+    from vqim.data import build_dataset
+    from vqim.sampling import generate_images
+
+    if a.data != "digits":
+        raise ValueError("--data for the sample classifier must be the labelled built-in dataset: digits")
+    prior, tok = _load_pair(a.prior, a.tokenizer, device)
+    if prior.config.num_classes == 0:
+        raise ValueError("sample accuracy needs a class-conditional prior")
+    size = tok.config.image_size
+    clf = fit_sample_classifier(
+        build_dataset("digits", size, train=True), build_dataset("digits", size, train=False)
+    )
+    labels = torch.arange(prior.config.num_classes, device=device).repeat_interleave(a.samples_per_class)
+    images = generate_images(
+        tok, prior, len(labels), labels=labels, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+        cfg_scale=a.cfg_scale, seed=a.seed,
+    ).cpu()  # fmt: skip
+    per_class = clf.accuracy_per_class(images, labels.cpu().numpy())
+    return {
+        "sample_accuracy": float(np.mean(list(per_class.values()))),
+        "sample_accuracy_per_class": per_class,
+        "classifier_real_test_accuracy": clf.real_test_accuracy,
+        "samples_per_class": a.samples_per_class,
+    }
+
+
 def cmd_presets(a: argparse.Namespace) -> None:
     import torch
 
@@ -264,9 +444,16 @@ def cmd_presets(a: argparse.Namespace) -> None:
 def cmd_demo(a: argparse.Namespace) -> None:
     from vqim.demo import run_demo
 
-    m = run_demo(a.out, steps=a.steps, progress=not a.no_progress)
-    _json_out({k: m[k] for k in ("psnr", "ssim", "usage", "codes_used", "perplexity", "train_seconds")})
-    print(f"demo report: {Path(a.out) / 'index.html'}  (tokenizer: {m['tokenizer']})")
+    m = run_demo(a.out, steps=a.steps, prior_steps=a.prior_steps, progress=not a.no_progress)
+    t, p = m["tokenizer"], m["prior"]
+    _json_out(
+        {
+            "tokenizer": {k: t[k] for k in ("psnr", "ssim", "usage", "codes_used", "perplexity", "train_seconds")},
+            "prior": {k: p[k] for k in ("test_bits_per_token", "sample_accuracy", "classifier_accuracy_real_test",
+                                        "classifier_accuracy_reconstructions", "seconds")},
+        }
+    )  # fmt: skip
+    print(f"demo report: {Path(a.out) / 'index.html'}  (tokenizer: {t['path']}, prior: {p['path']})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -275,11 +462,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_tokenizer(sub)
     add_use_commands(sub)
+    add_prior_commands(sub)
     p = sub.add_parser("presets", help="list model presets with parameter counts")
     p.set_defaults(func=cmd_presets)
-    p = sub.add_parser("demo", help="train and evaluate the tiny tokenizer on the built-in photos")
+    p = sub.add_parser("demo", help="the two-stage pipeline on built-in data (photos, digits)")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's)")
+    p.add_argument("--steps", type=int, default=None, help="tokenizer training steps (default: the demo's)")
+    p.add_argument("--prior-steps", type=int, default=None, help="prior training steps (default: the demo's)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
     return parser

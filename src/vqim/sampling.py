@@ -5,6 +5,13 @@ each step feeds only the newest token and attends over keys and values kept in a
 `KVCache`, so a step costs one pass over the weights instead of a pass over the whole prefix.
 `generate_recompute` recomputes the full prefix every step; it is the slow reference for tests and benchmarks.
 
+Decoding one token is bound by reading the weights once per step (batch 1) or by small-M matrix products
+(batch 8), so the step (`Decoder.step`) is a flat loop of tensor ops over the blocks' weights, with none of the
+per-module Python of `nn.Module.__call__`, in-place residual adds, and, on CPU for more than one row, weights
+prepacked once per call for MKL's packed GEMM (the form PyTorch's Inductor uses for frozen CPU linears):
+an ordinary sgemm repacks each weight matrix on every call, which at M = 8 rows costs about as much as the
+product itself. It computes the same function as `Prior.forward`, up to float rounding (tests check ≤ 1e-5).
+
 Classifier-free guidance (Ho & Salimans 2022; LlamaGen) runs the conditional rows and the same number of
 null-class rows as one batch of 2n and samples from  logits = uncond + s · (cond − uncond);  s = 1 is plain
 conditional sampling and runs only the n conditional rows.
@@ -12,10 +19,15 @@ conditional sampling and runs only the n conditional rows.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from vqim.nn.transformer import KVCache
 
 if TYPE_CHECKING:
     from vqim.prior import LabelsLike, Prior
@@ -73,6 +85,100 @@ def sample_logits(
     return choice.squeeze(-1)
 
 
+log = logging.getLogger(__name__)
+_MKL_PACKED_OK: bool | None = None  # whether torch.ops.mkl packed linear works here; checked once
+
+
+def _mkl_packed_available() -> bool:
+    """True when MKL's packed fp32 linear exists in this PyTorch build and agrees with F.linear."""
+    global _MKL_PACKED_OK
+    if _MKL_PACKED_OK is None:
+        try:
+            g = torch.Generator().manual_seed(0)
+            w, b, x = (torch.randn(s, generator=g) for s in ((24, 16), (24,), (3, 16)))
+            packed = torch.ops.mkl._mkl_reorder_linear_weight(w, 3)
+            y = torch.ops.mkl._mkl_linear(x, packed, w, b, 3)
+            _MKL_PACKED_OK = bool(torch.allclose(y, F.linear(x, w, b), rtol=1e-5, atol=1e-5))
+        except (AttributeError, RuntimeError, NotImplementedError):
+            _MKL_PACKED_OK = False
+        if not _MKL_PACKED_OK:
+            log.info("MKL packed linear unavailable; cached decoding uses F.linear")
+    return _MKL_PACKED_OK
+
+
+def _linear_fn(layer: nn.Linear, rows: int, pack: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x (rows, in) → layer(x), with the weight prepacked for MKL's packed GEMM when `pack`."""
+    w, b = layer.weight.detach(), None if layer.bias is None else layer.bias.detach()
+    if pack:
+        packed = torch.ops.mkl._mkl_reorder_linear_weight(w, rows)
+        return lambda x: torch.ops.mkl._mkl_linear(x, packed, w, b, rows)
+    return lambda x: F.linear(x, w, b)
+
+
+class Decoder:
+    """Incremental decoding state of a prior for `rows` sequences: one preallocated `KVCache` per block.
+
+    `step(x)` takes the input vectors of the newest position, (rows, D), appends its keys and values to the
+    caches and returns next-token logits (rows, V), which equal `Prior.forward`'s logits at that position up to
+    float rounding. Dropout is not applied (sampling runs the model in eval mode). The weights are read from the
+    prior's modules when the decoder is built; build a new decoder after changing them.
+
+    Args:
+        prior: a `vqim.Prior`.
+        rows: number of sequences decoded together.
+        max_len: positions to hold, condition included (at most h·w).
+        pack: prepack the weights for MKL's packed GEMM; None = on CPU, fp32, rows > 1 (at one row a
+            matrix-vector product is already bound by reading the weights, and packing was measured slower).
+    """
+
+    def __init__(self, prior: Prior, rows: int, max_len: int, pack: bool | None = None) -> None:
+        w = prior.head.weight
+        if pack is None:
+            pack = w.device.type == "cpu" and w.dtype == torch.float32 and rows > 1
+        pack = pack and _mkl_packed_available()
+        self.rows, self.pack = rows, pack
+        self.dim = prior.config.dim
+        self.caches = prior.transformer.new_caches(rows, max_len)
+        self.layers = []
+        for blk in prior.transformer.blocks:
+            a, m = blk.attn, blk.mlp
+            self.layers.append(
+                (
+                    (blk.norm1.weight, blk.norm1.bias, blk.norm1.eps),
+                    _linear_fn(a.qkv, rows, pack),
+                    _linear_fn(a.proj, rows, pack),
+                    (blk.norm2.weight, blk.norm2.bias, blk.norm2.eps),
+                    _linear_fn(m.fc1, rows, pack),
+                    _linear_fn(m.fc2, rows, pack),
+                    a.heads,
+                    a.head_dim,
+                )
+            )
+        norm = prior.transformer.norm
+        self.norm = (norm.weight, norm.bias, norm.eps)
+        self.head = _linear_fn(prior.head, rows, pack)
+
+    @property
+    def length(self) -> int:
+        """Positions cached so far."""
+        return self.caches[0].length
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """Input vectors (rows, D) of the next position → logits (rows, V) for the token after it."""
+        r, d = x.shape
+        x = x.clone()  # the residual stream, updated in place below
+        cache: KVCache
+        for cache, (ln1, qkv, proj, ln2, fc1, fc2, heads, hd) in zip(self.caches, self.layers):
+            h = F.layer_norm(x, (d,), *ln1)
+            q, k, v = qkv(h).view(r, 3, heads, 1, hd).unbind(1)  # each (R, H, 1, hd)
+            k, v = cache.append(k, v)  # (R, H, L, hd): every cached position, this one included
+            y = F.scaled_dot_product_attention(q, k, v)  # (R, H, 1, hd)
+            x.add_(proj(y.reshape(r, d)))
+            h = F.layer_norm(x, (d,), *ln2)
+            x.add_(fc2(F.gelu(fc1(h))))
+        return self.head(F.layer_norm(x, (d,), *self.norm))
+
+
 def generate(
     prior: Prior,
     n: int,
@@ -88,7 +194,7 @@ def generate(
     """Sample token grids from a prior with the KV cache: prefill the condition, then decode token by token.
 
     Args:
-        prior: a `vqim.Prior`; it runs in eval mode and no_grad inside, and its mode is restored after.
+        prior: a `vqim.Prior`; it runs in eval mode and inference_mode inside, and its mode is restored after.
         n: number of samples.
         labels: class ids (n,), or one int for all, of a conditional prior; None for an unconditional one.
         temperature, top_k, top_p: see `sample_logits`.
@@ -154,33 +260,34 @@ def _sample(
     device = prior.device
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
 
+    out = torch.empty(n, total, dtype=torch.long, device=device)  # sampled ids, filled column by column
     was_training = prior.training
     prior.eval()
     try:
-        out = torch.empty(n, total, dtype=torch.long, device=device)  # sampled ids, filled column by column
-        cond = prior.embed_condition(labels, rows)  # (R, 1, D)
-        pos = prior.position_table()  # (h·w, D), computed once
-        emb = prior.tok_embed.weight  # (V, D)
-        blocks, head = prior.transformer, prior.head
-        # Positions held: the condition plus tokens 0 .. total-2 (the last sampled token is never fed back).
-        caches = blocks.new_caches(rows, total) if cache else None
-        x = cond
-        for i in range(total):
-            if cache:
-                h = blocks(x, caches)[:, -1]  # x: only the newest input, (R, 1, D) → (R, D)
-            else:
-                prefix = out[:, :i].repeat(rows // n, 1)  # (R, i)
-                seq = torch.cat([cond, F.embedding(prefix, emb) + pos[:i]], dim=1)  # (R, i+1, D)
-                h = blocks(seq)[:, -1]
-            logits = head(h)  # (R, V)
-            if guided:
-                c, u = logits[:n], logits[n:]
-                logits = u + cfg_scale * (c - u)
-            tok = sample_logits(logits, temperature, top_k, top_p, generator)  # (n,)
-            out[:, i] = tok
-            if cache and i + 1 < total:
-                fed = torch.cat([tok, tok]) if guided else tok  # both halves continue with the same token
-                x = (F.embedding(fed, emb) + pos[i])[:, None, :]  # (R, 1, D)
+        # inference_mode: no autograd bookkeeping on the ~20 small ops per block and step. Only `out`, made
+        # outside it, leaves this block, so callers get an ordinary tensor.
+        with torch.inference_mode():
+            cond = prior.embed_condition(labels, rows)  # (R, 1, D)
+            pos = prior.position_table()  # (h·w, D), computed once
+            emb = prior.tok_embed.weight  # (V, D)
+            # Positions held: the condition and tokens 0 .. total-2 (the last sampled token is never fed back).
+            decoder = Decoder(prior, rows, total) if cache else None
+            x = cond[:, 0]  # (R, D)
+            for i in range(total):
+                if decoder is not None:
+                    logits = decoder.step(x)  # only the newest position → (R, V)
+                else:
+                    prefix = out[:, :i].repeat(rows // n, 1)  # (R, i)
+                    seq = torch.cat([cond, F.embedding(prefix, emb) + pos[:i]], dim=1)  # (R, i+1, D)
+                    logits = prior.head(prior.transformer(seq)[:, -1])  # the whole prefix again
+                if guided:
+                    c, u = logits[:n], logits[n:]
+                    logits = u + cfg_scale * (c - u)
+                tok = sample_logits(logits, temperature, top_k, top_p, generator)  # (n,)
+                out[:, i] = tok
+                if decoder is not None and i + 1 < total:
+                    fed = torch.cat([tok, tok]) if guided else tok  # both halves continue with the same token
+                    x = F.embedding(fed, emb).add_(pos[i])  # (R, D)
     finally:
         prior.train(was_training)
     if num_tokens is None:
@@ -223,4 +330,11 @@ def generate_images(
     return tokenizer.decode(ids.to(next(tokenizer.parameters()).device))
 
 
-__all__ = ["sample_logits", "generate", "generate_recompute", "generate_images", "check_sampling_args"]
+__all__ = [
+    "Decoder",
+    "sample_logits",
+    "generate",
+    "generate_recompute",
+    "generate_images",
+    "check_sampling_args",
+]

@@ -189,6 +189,8 @@ def train_tokenizer(
             num_workers=cfg.num_workers,
             collate_fn=collate,
             persistent_workers=cfg.num_workers > 0,
+            # Its own generator: creating the iterator must not draw from the global RNG (resume).
+            generator=torch.Generator().manual_seed(cfg.seed),
         )
 
     skipped: set[str] = set(shared_meta.get("skipped", []))
@@ -205,7 +207,9 @@ def train_tokenizer(
         n_init = sum(b.shape[0] for b in batches) * world * tcfg.grid_size[0] * tcfg.grid_size[1]
         log.info("codebook initialised from %d encoder outputs", n_init)
 
-    preview = next(iter(DataLoader(preview_set, batch_size=8, collate_fn=collate)))["image"].to(device)
+    preview = next(
+        iter(DataLoader(preview_set, batch_size=8, collate_fn=collate, generator=torch.Generator()))
+    )["image"].to(device)
 
     def checkpoint(step: int) -> None:
         meta = {
