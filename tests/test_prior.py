@@ -455,3 +455,22 @@ def test_presets_build():
         cfg = get_prior_config(name, vocab_size=16, grid_size=(2, 2), num_classes=2)
         prior = Prior(dataclasses.replace(cfg, depth=1))
         assert prior.num_params()["total"] == sum(p.numel() for p in prior.parameters())
+
+
+def test_forward_with_cache_equals_uncached_forward():
+    torch.manual_seed(0)
+    prior = Prior.from_preset("vim-tiny", vocab_size=40, grid_size=(3, 4), num_classes=5).eval()
+    tokens = torch.randint(0, 40, (2, 12))
+    labels = torch.tensor([1, 4])
+    with torch.no_grad():
+        full = prior(tokens, labels).logits  # (2, 12, 40)
+        cache = prior.new_cache(2)
+        parts = [prior(tokens[:, :5], labels, cache=cache).logits]  # prefill: cond + tokens 0..3
+        assert cache[0].length == 5
+        for t in range(5, 12):  # one new input per step: token t-1 predicts token t
+            parts.append(prior(tokens[:, t - 1 : t], cache=cache).logits)
+        cached = torch.cat(parts, dim=1)
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=0)
+    assert torch.equal(cached.argmax(-1), full.argmax(-1))
+    with pytest.raises(ValueError, match="exceed the sequence length"):
+        prior(tokens[:, :1], cache=cache)

@@ -427,17 +427,22 @@ def sample_accuracy(a: argparse.Namespace, device: str) -> dict[str, Any]:
 def cmd_presets(a: argparse.Namespace) -> None:
     import torch
 
-    from vqim.config import get_tokenizer_config, tokenizer_presets
+    from vqim.config import get_prior_config, get_tokenizer_config, prior_presets, tokenizer_presets
+    from vqim.prior import Prior
     from vqim.tokenizer import Tokenizer
 
-    rows = {}
+    rows: dict[str, Any] = {"tokenizers": {}, "priors": {}}
     for name in tokenizer_presets():
         with torch.device("meta"):
             tok = Tokenizer(get_tokenizer_config(name))
-        rows[name] = {
-            "params_M": {k: round(v / 1e6, 2) for k, v in tok.num_params().items()},
-            **tok.config.to_dict(),
-        }
+        counts = {k: round(v / 1e6, 2) for k, v in tok.num_params().items()}
+        rows["tokenizers"][name] = {"params_M": counts, **tok.config.to_dict()}
+    # Priors are counted at the paper's ImageNet setting: 8192 codes, 32×32 tokens, 1000 classes.
+    for name in prior_presets():
+        with torch.device("meta"):
+            prior = Prior(get_prior_config(name, vocab_size=8192, grid_size=(32, 32), num_classes=1000))
+        total = sum(p.numel() for p in prior.parameters())
+        rows["priors"][name] = {"params_M": round(total / 1e6, 2), **prior.config.to_dict()}
     _json_out(rows)
 
 

@@ -33,7 +33,7 @@ DEMO_LR = 1e-3
 DEMO_MIN_LR_RATIO = 0.02
 DEMO_BATCH = 16
 # Stage 2 recipe: vim-tiny, class-conditional on digits.
-PRIOR_STEPS = 1500
+PRIOR_STEPS = 1000
 PRIOR_BATCH = 64
 PRIOR_LR = 1e-3
 SAMPLE_CFG_SCALE = 2.0
