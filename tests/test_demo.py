@@ -23,6 +23,8 @@ def test_demo_pipeline_fast(tmp_path):
     html = (out / "index.html").read_text()
     assert "samples.png" in html and "reconstructions.png" in html
     assert m["prior"]["classifier_accuracy_real_test"] > 0.85
+    assert set(m["probe"]["per_block_test_accuracy"]) == set(range(4))
+    assert (out / "probe" / "accuracy_by_block.png").is_file() and "linear probe" in html
 
 
 @pytest.mark.slow

@@ -424,6 +424,67 @@ def sample_accuracy(a: argparse.Namespace, device: str) -> dict[str, Any]:
     }
 
 
+def add_probe_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("probe", help="linear probe on the frozen prior's block features")
+    p.add_argument("--prior", required=True)
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument(
+        "--data", required=True, help="labelled data: digits, a folder with class sub-folders, or .npz"
+    )
+    p.add_argument("--test-data", default=None,
+                   help="test images (default: the built-in test split, or every 5th image of --data)")  # fmt: skip
+    p.add_argument(
+        "--labels-csv", default=None, help="labels for an image folder: CSV with columns path,label"
+    )
+    p.add_argument("--blocks", default="all", help="'all' or comma-separated 0-based block indices")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_probe)
+
+
+def probe_splits(data: str, test_data: str | None, size: int, labels_csv: str | None):
+    """(train, test, class names) for the probe: built-in splits, a given test set, or every 5th image held out."""
+    from torch.utils.data import Subset
+
+    from vqim.data import BUILTIN, build_dataset
+
+    kw = {"augment": False, "labels_csv": labels_csv}
+    if data in BUILTIN:
+        train, test = (
+            build_dataset(data, size, train=True, augment=False),
+            build_dataset(data, size, train=False),
+        )
+    elif test_data is not None:
+        train, test = (
+            build_dataset(data, size, train=True, **kw),
+            build_dataset(test_data, size, train=False, **kw),
+        )
+    else:
+        full = build_dataset(data, size, train=False, **kw)
+        idx = range(len(full))
+        train = Subset(full, [i for i in idx if i % 5 != 0])
+        test = Subset(full, [i for i in idx if i % 5 == 0])
+        return train, test, full.class_names
+    return train, test, train.class_names
+
+
+def cmd_probe(a: argparse.Namespace) -> None:
+    from vqim.probe import run_probe
+
+    device = _device(a.device)
+    prior, tok = _load_pair(a.prior, a.tokenizer, device)
+    blocks = None if a.blocks == "all" else [int(v) for v in a.blocks.split(",")]
+    if blocks is not None and any(not 0 <= b < prior.config.depth for b in blocks):
+        raise ValueError(f"--blocks must be in [0, {prior.config.depth}), got {blocks}")
+    train, test, names = probe_splits(a.data, a.test_data, tok.config.image_size, a.labels_csv)
+    res = run_probe(
+        prior, tok, train, test, a.out, blocks=blocks, class_names=names, device=device, seed=a.seed
+    )
+    res.pop("details")
+    _json_out(res)
+
+
 def cmd_presets(a: argparse.Namespace) -> None:
     import torch
 
@@ -456,6 +517,8 @@ def cmd_demo(a: argparse.Namespace) -> None:
             "tokenizer": {k: t[k] for k in ("psnr", "ssim", "usage", "codes_used", "perplexity", "train_seconds")},
             "prior": {k: p[k] for k in ("test_bits_per_token", "sample_accuracy", "classifier_accuracy_real_test",
                                         "classifier_accuracy_reconstructions", "seconds")},
+            "probe": {k: m["probe"][k] for k in ("per_block_test_accuracy", "chosen_block",
+                                                 "chosen_block_test_accuracy", "baselines")},
         }
     )  # fmt: skip
     print(f"demo report: {Path(a.out) / 'index.html'}  (tokenizer: {t['path']}, prior: {p['path']})")
@@ -468,6 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_tokenizer(sub)
     add_use_commands(sub)
     add_prior_commands(sub)
+    add_probe_command(sub)
     p = sub.add_parser("presets", help="list model presets with parameter counts")
     p.set_defaults(func=cmd_presets)
     p = sub.add_parser("demo", help="the two-stage pipeline on built-in data (photos, digits)")
