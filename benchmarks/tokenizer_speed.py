@@ -76,6 +76,8 @@ def main() -> None:
     ap.add_argument("--encode-batch", type=int, default=32)
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the tokenizer")
+    ap.add_argument("--compile-mode", default="default",
+                    help="torch.compile mode, e.g. max-autotune-no-cudagraphs")  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -83,7 +85,7 @@ def main() -> None:
 
     tok = Tokenizer.from_preset("vit-vqgan-ss", **bench_config()).to(dev)
     params = sum(p.numel() for p in tok.parameters())
-    model = torch.compile(tok) if args.compile else tok
+    model = torch.compile(tok, mode=args.compile_mode) if args.compile else tok
     opt = torch.optim.AdamW(tok.parameters(), lr=1e-4, betas=(0.9, 0.99), weight_decay=1e-4, fused=True)
     x_train = torch.rand(args.train_batch, 3, 128, 128, device=dev)
     x_enc = torch.rand(args.encode_batch, 3, 128, 128, device=dev)
@@ -112,7 +114,7 @@ def main() -> None:
         "device": dev,
         "threads": args.threads,
         "bf16": args.bf16,
-        "compile": args.compile,
+        "compile": args.compile_mode if args.compile else False,
         "sgemm_gflops": round(gflops, 1),
         "train_images_per_s": {k: round(v, 2) for k, v in train.items()},
         "encode_images_per_s": {k: round(v, 2) for k, v in enc.items()},

@@ -142,3 +142,13 @@ def test_cli_errors_are_clear(tmp_path, capsys):
             ["train-tokenizer", "--data", "photos", "--out", str(tmp_path / "o"), *TINY, "--image-size", "30"]
         )
     assert "not divisible by patch_size" in capsys.readouterr().err
+
+
+def test_compiled_training_matches_eager(tmp_path, folder, capsys):
+    """--compile trains the same model as eager mode (up to float rounding)."""
+    common = ["--data", str(folder), "--steps", "3", "--ckpt-every", "3", "--image-every", "100", *TINY]
+    _run(["train-tokenizer", "--out", str(tmp_path / "eager"), *common], capsys)
+    _run(["train-tokenizer", "--out", str(tmp_path / "compiled"), "--compile", *common], capsys)
+    wa = load_file(tmp_path / "eager" / "model.safetensors")
+    wb = load_file(tmp_path / "compiled" / "model.safetensors")
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-4

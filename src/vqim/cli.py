@@ -47,6 +47,8 @@ def add_train_tokenizer(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ckpt-every", type=int, default=500)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this much training time")
+    p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                   help="torch.compile the model (MODE: default, max-autotune-no-cudagraphs, ...)")  # fmt: skip
     p.add_argument("--mixed-precision", choices=["auto", "no", "bf16"], default="auto")
     p.add_argument("--no-progress", action="store_true")
     m = p.add_argument_group("model overrides")
@@ -79,7 +81,7 @@ def cmd_train_tokenizer(a: argparse.Namespace) -> None:
         grad_clip=a.grad_clip, seed=a.seed, num_workers=a.num_workers, log_every=a.log_every,
         image_every=a.image_every, ckpt_every=a.ckpt_every, resume=a.resume,
         mixed_precision=a.mixed_precision, progress=not a.no_progress,
-        max_seconds=None if a.max_minutes is None else 60 * a.max_minutes,
+        max_seconds=None if a.max_minutes is None else 60 * a.max_minutes, compile=a.compile,
     )  # fmt: skip
     summary = train_tokenizer(cfg)
     if summary.get("skipped_files"):

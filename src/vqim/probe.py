@@ -302,6 +302,7 @@ def plot_accuracy(summary: dict[str, Any], path: Path) -> None:
     for name, v in summary["baselines"].items():
         ax.axhline(100 * v, ls="--", color=colours.get(name, "k"), label=f"{name} (test)")
     ax.axvline(summary["chosen_block"] + 1, color="tab:red", alpha=0.3, label="chosen on validation")
+    ax.set_xticks([k + 1 for k in ks])
     ax.set_xlabel(f"block (1 … {summary['depth']})")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.legend(fontsize=7)
