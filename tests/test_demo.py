@@ -24,6 +24,9 @@ def test_demo_pipeline_fast(tmp_path):
     assert "samples.png" in html and "reconstructions.png" in html
     assert m["prior"]["classifier_accuracy_real_test"] > 0.85
     assert set(m["probe"]["per_block_test_accuracy"]) == set(range(4))
+    health = m["tokenizer"]["codebook_health"]
+    assert len(health) == 2 and all(v["steps"] == 30 for v in health.values())
+    assert "codebook-health" in html
     assert (out / "probe" / "accuracy_by_block.png").is_file() and "linear probe" in html
 
 

@@ -516,7 +516,8 @@ def cmd_demo(a: argparse.Namespace) -> None:
     t, p = m["tokenizer"], m["prior"]
     _json_out(
         {
-            "tokenizer": {k: t[k] for k in ("psnr", "ssim", "usage", "codes_used", "perplexity", "train_seconds")},
+            "tokenizer": {k: t[k] for k in ("psnr", "ssim", "usage", "codes_used", "perplexity", "train_seconds",
+                                            "codebook_health")},
             "prior": {k: p[k] for k in ("test_bits_per_token", "sample_accuracy", "classifier_accuracy_real_test",
                                         "classifier_accuracy_reconstructions", "seconds")},
             "probe": {k: m["probe"][k] for k in ("per_block_test_accuracy", "chosen_block",
