@@ -67,3 +67,49 @@ def l1_loss(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def vq_loss(z_e: torch.Tensor, e: torch.Tensor, beta: float = 0.25) -> torch.Tensor:
     """‖sg[z_e] − e‖² + β‖z_e − sg[e]‖²: the codebook term moves codes, the commitment term (β) the encoder."""
     return F.mse_loss(e, z_e.detach()) + beta * F.mse_loss(z_e, e.detach())
+
+
+# ---------------------------------------------------------------------------------------------- adversarial
+def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """Discriminator hinge loss (taming-transformers): ½·(mean relu(1 − D(x)) + mean relu(1 + D(x̂)))."""
+    return 0.5 * (F.relu(1 - real_logits.float()).mean() + F.relu(1 + fake_logits.float()).mean())
+
+
+def hinge_g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """Generator loss paired with the hinge discriminator: −mean D(x̂)."""
+    return -fake_logits.float().mean()
+
+
+def non_saturating_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """StyleGAN discriminator loss: mean softplus(−D(x)) + mean softplus(D(x̂))."""
+    return F.softplus(-real_logits.float()).mean() + F.softplus(fake_logits.float()).mean()
+
+
+def non_saturating_g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """StyleGAN generator loss: mean softplus(−D(x̂))."""
+    return F.softplus(-fake_logits.float()).mean()
+
+
+def r1_penalty(real_logits: torch.Tensor, real_images: torch.Tensor) -> torch.Tensor:
+    """R1 gradient penalty (Mescheder et al. 2018): mean over images of ‖∇_x D(x)‖²; the caller scales by γ/2.
+
+    real_images must have requires_grad=True when the logits are computed.
+    """
+    (grad,) = torch.autograd.grad(real_logits.float().sum(), real_images, create_graph=True)
+    return grad.pow(2).flatten(1).sum(1).mean()
+
+
+def adaptive_gan_weight(
+    rec_loss: torch.Tensor,
+    g_loss: torch.Tensor,
+    last_layer: torch.Tensor,
+    delta: float = 1e-4,
+    max_weight: float = 1e4,
+) -> torch.Tensor:
+    """VQGAN's λ = ‖∇_w L_rec‖ / (‖∇_w L_GAN‖ + δ) at the decoder's last layer w, clamped to [0, max_weight].
+
+    Returned detached: it scales the GAN term, it is not optimised.
+    """
+    (g_rec,) = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)
+    (g_gan,) = torch.autograd.grad(g_loss, last_layer, retain_graph=True)
+    return (g_rec.norm() / (g_gan.norm() + delta)).clamp(0.0, max_weight).detach()

@@ -1,0 +1,95 @@
+"""Discriminators and GAN loss functions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vqim import losses
+from vqim.discriminator import PatchGANDiscriminator, StyleGANDiscriminator, blur_downsample, minibatch_stddev
+
+
+@pytest.mark.parametrize("size", [16, 32, 64])
+def test_stylegan_discriminator_shapes_and_gradients(size):
+    torch.manual_seed(0)
+    d = StyleGANDiscriminator(image_size=size, channels=16, max_channels=64)
+    x = torch.rand(4, 3, size, size, requires_grad=True)
+    out = d(x)
+    assert out.shape == (4,) and torch.isfinite(out).all()
+    out.sum().backward()
+    assert x.grad.abs().sum() > 0
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in d.parameters())
+    with pytest.raises(ValueError, match="power of two"):
+        StyleGANDiscriminator(image_size=48)
+
+
+def test_equalised_lr_keeps_activations_in_range():
+    torch.manual_seed(0)
+    d = StyleGANDiscriminator(image_size=64, channels=32, max_channels=128)
+    out = d(torch.rand(8, 3, 64, 64))
+    assert 0.01 < float(out.std()) < 100  # equalised lr: unit-variance weights scaled by 1/sqrt(fan_in)
+
+
+def test_blur_downsample_preserves_constants_and_halves_size():
+    x = torch.full((2, 5, 8, 8), 0.7)
+    y = blur_downsample(x)
+    assert y.shape == (2, 5, 4, 4)
+    torch.testing.assert_close(y, torch.full_like(y, 0.7))
+
+
+def test_minibatch_stddev_channel():
+    x = torch.randn(8, 3, 4, 4)
+    y = minibatch_stddev(x, group=4)
+    assert y.shape == (8, 4, 4, 4)
+    groups = x.view(4, 2, 3, 4, 4)
+    expect = (groups.var(0, unbiased=False) + 1e-8).sqrt().mean((1, 2, 3))  # one value per column of groups
+    torch.testing.assert_close(y[0, 3, 0, 0], expect[0])
+    torch.testing.assert_close(y[1, 3, 0, 0], expect[1])
+    # Identical samples carry no spread.
+    same = minibatch_stddev(torch.ones(4, 2, 4, 4))
+    assert float(same[:, 2].max()) < 1e-3
+
+
+def test_patchgan_matches_taming_layout():
+    d = PatchGANDiscriminator()
+    convs = [m for m in d.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.stride[0]) for c in convs] == [
+        (3, 64, 2), (64, 128, 2), (128, 256, 2), (256, 512, 1), (512, 1, 1),
+    ]  # fmt: skip
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in d.modules()) == 3
+    assert d(torch.rand(2, 3, 64, 64)).shape == (2, 1, 6, 6)
+
+
+def test_gan_losses_match_their_formulas():
+    r, f = torch.randn(10), torch.randn(10)
+    torch.testing.assert_close(
+        losses.hinge_d_loss(r, f), 0.5 * (torch.clamp(1 - r, min=0).mean() + torch.clamp(1 + f, min=0).mean())
+    )
+    torch.testing.assert_close(losses.hinge_g_loss(f), -f.mean())
+    torch.testing.assert_close(
+        losses.non_saturating_d_loss(r, f),
+        torch.log1p(torch.exp(-r)).mean() + torch.log1p(torch.exp(f)).mean(),
+    )
+    torch.testing.assert_close(losses.non_saturating_g_loss(f), torch.log1p(torch.exp(-f)).mean())
+
+
+def test_r1_penalty_on_a_linear_discriminator():
+    w = torch.randn(12)
+    x = torch.randn(5, 12, requires_grad=True)
+    logits = x @ w  # ∇_x D = w for every sample
+    torch.testing.assert_close(losses.r1_penalty(logits, x), w.pow(2).sum())
+
+
+def test_adaptive_weight_is_the_gradient_norm_ratio():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 3)
+    out = layer(torch.randn(6, 4))
+    rec = F.mse_loss(out, torch.zeros_like(out))
+    gan = -out.mean() * 0.01
+    g_rec = torch.autograd.grad(rec, layer.weight, retain_graph=True)[0]
+    g_gan = torch.autograd.grad(gan, layer.weight, retain_graph=True)[0]
+    lam = losses.adaptive_gan_weight(rec, gan, layer.weight)
+    torch.testing.assert_close(lam, (g_rec.norm() / (g_gan.norm() + 1e-4)))
+    assert not lam.requires_grad
+    assert float(losses.adaptive_gan_weight(rec, gan * 0, layer.weight, max_weight=10.0)) == 10.0
