@@ -152,3 +152,44 @@ def test_compiled_training_matches_eager(tmp_path, folder, capsys):
     wa = load_file(tmp_path / "eager" / "model.safetensors")
     wb = load_file(tmp_path / "compiled" / "model.safetensors")
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-4
+
+
+def test_patchgan_training_respects_disc_start(tmp_path, folder, capsys):
+    run = tmp_path / "gan"
+    _run(["train-tokenizer", "--data", str(folder), "--out", str(run), "--steps", "4", "--ckpt-every", "2",
+          "--image-every", "100", "--disc", "patchgan", "--disc-start", "2", *TINY], capsys)  # fmt: skip
+    s2 = load_file(run / "checkpoints" / "step-0000002" / "training_state.safetensors")
+    s4 = load_file(run / "checkpoints" / "step-0000004" / "training_state.safetensors")
+    # Before disc_start the discriminator is not trained: no optimizer state, same weights.
+    assert not any(k.startswith("dopt.state.") for k in s2)
+    assert float(s4["dopt.state.0.step"]) == 2.0
+    moved = [k for k in s2 if k.startswith("disc.") and "weight" in k and not torch.equal(s2[k], s4[k])]
+    assert moved
+    last = json.loads((run / "train_summary.json").read_text())["last"]
+    assert {"g_loss", "d_loss", "adaptive_weight"} <= set(last) and all(np.isfinite(v) for v in last.values())
+
+
+def test_stylegan_r1_lpips_training_resumes_exactly(tmp_path, folder, capsys):
+    import lpips
+
+    ref = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
+    vgg = {
+        f"features.{k}": v for s in range(1, 6) for k, v in getattr(ref.net, f"slice{s}").state_dict().items()
+    }
+    torch.save(vgg, tmp_path / "vgg16.pth")
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = ["--data", str(folder), "--steps", "4", "--ckpt-every", "2", "--image-every", "100", "--disc",
+              "stylegan", "--r1-gamma", "1", "--r1-interval", "2", "--perceptual-weight", "0.1", "--vgg-weights",
+              str(tmp_path / "vgg16.pth"), *TINY]  # fmt: skip
+    _run(["train-tokenizer", "--out", str(a), *common], capsys)
+    last = json.loads((a / "train_summary.json").read_text())["last"]
+    assert {"g_loss", "d_loss", "perceptual_loss"} <= set(last)
+    shutil.copytree(a / "checkpoints" / "step-0000002", b / "checkpoints" / "step-0000002")
+    _run(["train-tokenizer", "--out", str(b), "--resume", *common], capsys)
+    for f in ("model.safetensors", "checkpoints/step-0000004/training_state.safetensors"):
+        wa, wb = load_file(a / f), load_file(b / f)
+        assert max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa) < 1e-5, f
+    with pytest.raises(SystemExit):
+        main(["train-tokenizer", "--out", str(tmp_path / "c"), *common[:-len(TINY) - 2], *TINY,
+              "--vgg-weights", str(tmp_path / "none.pth")])  # fmt: skip
+    assert "--perceptual-weight 0" in capsys.readouterr().err

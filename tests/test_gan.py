@@ -28,7 +28,9 @@ def test_equalised_lr_keeps_activations_in_range():
     torch.manual_seed(0)
     d = StyleGANDiscriminator(image_size=64, channels=32, max_channels=128)
     out = d(torch.rand(8, 3, 64, 64))
-    assert 0.01 < float(out.detach().std()) < 100  # equalised lr: unit-variance weights scaled by 1/sqrt(fan_in)
+    assert (
+        0.01 < float(out.detach().std()) < 100
+    )  # equalised lr: unit-variance weights scaled by 1/sqrt(fan_in)
 
 
 def test_blur_downsample_preserves_constants_and_halves_size():

@@ -51,6 +51,18 @@ def add_train_tokenizer(sub: argparse._SubParsersAction) -> None:
                    help="torch.compile the model (MODE: default, max-autotune-no-cudagraphs, ...)")  # fmt: skip
     p.add_argument("--mixed-precision", choices=["auto", "no", "bf16"], default="auto")
     p.add_argument("--no-progress", action="store_true")
+    g = p.add_argument_group("adversarial and perceptual terms")
+    g.add_argument("--disc", choices=["none", "stylegan", "patchgan"], default="none")
+    g.add_argument("--disc-start", type=int, default=0, help="step from which the GAN term is used")
+    g.add_argument("--adv-weight", type=float, default=0.1)
+    g.add_argument("--adaptive-weight", action=argparse.BooleanOptionalAction, default=None,
+                   help="VQGAN's adaptive GAN weight (default: on for patchgan)")  # fmt: skip
+    g.add_argument("--r1-gamma", type=float, default=0.0)
+    g.add_argument("--r1-interval", type=int, default=16)
+    g.add_argument("--disc-lr", type=float, default=None)
+    g.add_argument("--perceptual-weight", type=float, default=0.0, help="LPIPS weight (paper: 0.1)")
+    g.add_argument("--vgg-weights", default=None, help="VGG16 weights for LPIPS (default: torch hub cache)")
+    g.add_argument("--lpips-weights", default=None, help="LPIPS linear heads (default: the lpips package's)")
     m = p.add_argument_group("model overrides")
     m.add_argument("--patch-size", type=int)
     m.add_argument("--codebook-size", type=int)
@@ -81,7 +93,10 @@ def cmd_train_tokenizer(a: argparse.Namespace) -> None:
         grad_clip=a.grad_clip, seed=a.seed, num_workers=a.num_workers, log_every=a.log_every,
         image_every=a.image_every, ckpt_every=a.ckpt_every, resume=a.resume,
         mixed_precision=a.mixed_precision, progress=not a.no_progress,
-        max_seconds=None if a.max_minutes is None else 60 * a.max_minutes, compile=a.compile,
+        max_seconds=None if a.max_minutes is None else 60 * a.max_minutes, compile=a.compile, disc=a.disc,
+        disc_start=a.disc_start, adv_weight=a.adv_weight, adaptive_weight=a.adaptive_weight, r1_gamma=a.r1_gamma,
+        r1_interval=a.r1_interval, disc_lr=a.disc_lr, perceptual_weight=a.perceptual_weight,
+        vgg_weights=a.vgg_weights, lpips_weights=a.lpips_weights,
     )  # fmt: skip
     summary = train_tokenizer(cfg)
     if summary.get("skipped_files"):

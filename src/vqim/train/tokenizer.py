@@ -24,6 +24,14 @@ from torch.utils.data import DataLoader
 
 from vqim.checkpoint import atomic_write, write_json
 from vqim.data import StepSampler, build_dataset, collate
+from vqim.losses import (
+    adaptive_gan_weight,
+    hinge_d_loss,
+    hinge_g_loss,
+    non_saturating_d_loss,
+    non_saturating_g_loss,
+    r1_penalty,
+)
 from vqim.metrics import psnr
 from vqim.tokenizer import Tokenizer
 from vqim.train import state as st
@@ -67,6 +75,16 @@ class TokenizerTrainConfig:
             still follows `steps`.
         compile: torch.compile mode for the model's forward and backward (None: eager), e.g. "default" or
             "max-autotune-no-cudagraphs" (fastest on CPU in benchmarks/tokenizer_speed.py).
+        disc: "none", "stylegan" (non-saturating loss, ViT-VQGAN) or "patchgan" (hinge loss, VQGAN).
+        disc_start: step from which the discriminator trains and the GAN term enters (before it: weight 0).
+        adv_weight: weight of the generator's GAN term (ViT-VQGAN: 0.1; VQGAN: 0.8 times the adaptive λ).
+        adaptive_weight: scale the GAN term by VQGAN's λ = ‖∇L_rec‖ / (‖∇L_GAN‖ + δ) at the decoder's last
+            layer; None = on for patchgan, off for stylegan.
+        r1_gamma, r1_interval: lazy R1 penalty γ/2·‖∇D(x)‖² every r1_interval steps (0 disables).
+        disc_lr: discriminator learning rate (None: lr).
+        perceptual_weight: weight of the LPIPS term (ViT-VQGAN: 0.1; 0 for tokenizers used in linear probes).
+        vgg_weights, lpips_weights: weight files for LPIPS (see vqim.perceptual).
+        max_nonfinite: stop after this many consecutive steps with a non-finite loss.
     """
 
     out: str
@@ -92,6 +110,17 @@ class TokenizerTrainConfig:
     progress: bool = True
     max_seconds: float | None = None
     compile: str | None = None
+    disc: str = "none"
+    disc_start: int = 0
+    adv_weight: float = 0.1
+    adaptive_weight: bool | None = None
+    r1_gamma: float = 0.0
+    r1_interval: int = 16
+    disc_lr: float | None = None
+    perceptual_weight: float = 0.0
+    vgg_weights: str | None = None
+    lpips_weights: str | None = None
+    max_nonfinite: int = 20
 
 
 def lr_lambda(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -105,6 +134,45 @@ def lr_lambda(step: int, total: int, warmup: int, min_ratio: float) -> float:
 def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
     """Weight decay on weight matrices only: not the position tables or the codebook."""
     return name.endswith("pos.weight") or name.endswith("codebook")
+
+
+def build_gan(cfg: TokenizerTrainConfig, image_size: int):
+    """(discriminator, its optimizer, loss functions) for cfg.disc, or (None, None, None)."""
+    if cfg.disc == "none":
+        return None, None, None
+    from vqim.discriminator import PatchGANDiscriminator, StyleGANDiscriminator
+
+    if cfg.disc == "stylegan":
+        disc = StyleGANDiscriminator(image_size)
+        fns = {"g": non_saturating_g_loss, "d": non_saturating_d_loss}
+    elif cfg.disc == "patchgan":
+        disc = PatchGANDiscriminator()
+        fns = {"g": hinge_g_loss, "d": hinge_d_loss}
+    else:
+        raise ValueError(f"--disc must be none, stylegan or patchgan, got {cfg.disc!r}")
+    fns["adaptive"] = cfg.adaptive_weight if cfg.adaptive_weight is not None else cfg.disc == "patchgan"
+    d_opt = torch.optim.Adam(disc.parameters(), lr=cfg.disc_lr or cfg.lr, betas=cfg.betas)
+    return disc.train(), d_opt, fns
+
+
+def discriminator_step(cfg, disc, d_opt, gan, images, fake, step, acc) -> dict[str, float]:
+    """One discriminator update on real images and detached reconstructions (one forward for both)."""
+    d_opt.zero_grad(set_to_none=True)
+    r1_now = cfg.r1_gamma > 0 and step % cfg.r1_interval == 0
+    real = images.detach().requires_grad_(r1_now)
+    logits = disc(torch.cat([real, fake]))
+    real_logits, fake_logits = logits[: len(real)], logits[len(real) :]
+    d_loss = gan["d"](real_logits, fake_logits)
+    out = {"d_loss": float(d_loss.detach())}
+    if r1_now:
+        # Lazy R1: applied every r1_interval steps, scaled by the interval (StyleGAN2).
+        r1 = r1_penalty(real_logits, real)
+        d_loss = d_loss + 0.5 * cfg.r1_gamma * cfg.r1_interval * r1
+        out["r1"] = float(r1.detach())
+    acc.backward(d_loss)
+    d_opt.step()
+    d_opt.zero_grad(set_to_none=True)
+    return out
 
 
 def reset_optimizer_rows(opt: torch.optim.Optimizer, param: torch.nn.Parameter, rows: torch.Tensor) -> None:
@@ -159,6 +227,13 @@ def train_tokenizer(
     except Exception:  # noqa: BLE001 - preview images are optional
         preview_set = dataset
 
+    disc, d_opt, gan = build_gan(cfg, tcfg.image_size)
+    lpips_model = None
+    if cfg.perceptual_weight > 0:
+        from vqim.perceptual import LPIPS
+
+        lpips_model = LPIPS(cfg.vgg_weights, cfg.lpips_weights)
+
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else cfg.steps // 10
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.weight_decay, _no_decay), lr=cfg.lr, betas=cfg.betas, fused=True
@@ -171,11 +246,18 @@ def train_tokenizer(
         tensors, shared_meta = restore_checkpoint(resume_from, rank, optimizer, scheduler)
         model.quantizer.code_age.copy_(tensors["quantizer.code_age"])
         start_step = int(shared_meta["step"])
+        if disc is not None:
+            disc.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("disc.")})
+            st.optimizer_from_flat(d_opt, "dopt", tensors, shared_meta["disc_optimizer"])
     else:
         torch.manual_seed(cfg.seed + 1000 * rank)
 
     model, optimizer = acc.prepare(model, optimizer)
     raw = acc.unwrap_model(model)
+    if disc is not None:
+        disc, d_opt = acc.prepare(disc, d_opt)
+    if lpips_model is not None:
+        lpips_model = lpips_model.to(acc.device)
     if cfg.compile:
         # Compile the (possibly DDP-wrapped) module; weights, checkpoints and restarts go through `raw`.
         model = torch.compile(model, mode=cfg.compile)
@@ -202,6 +284,7 @@ def train_tokenizer(
     skipped: set[str] = set(shared_meta.get("skipped", []))
     restarted_total = int(shared_meta.get("restarted_codes", 0))
     nonfinite_total = int(shared_meta.get("nonfinite_steps", 0))
+    nonfinite_run = 0
 
     if start_step == 0 and tcfg.codebook_init == "data":
         # Data-dependent init: encoder outputs of a few batches (drawn from a separate stream).
@@ -224,6 +307,11 @@ def train_tokenizer(
             "nonfinite_steps": nonfinite_total,
         }
         extra = {"quantizer.code_age": raw.quantizer.code_age}
+        if disc is not None:
+            extra.update({f"disc.{k}": v for k, v in acc.unwrap_model(disc).state_dict().items()})
+            d_tensors, d_meta = st.optimizer_to_flat(d_opt.optimizer, "dopt")
+            extra.update(d_tensors)
+            meta["disc_optimizer"] = d_meta
         save_checkpoint(
             acc, ckpt_root, step, raw, optimizer.optimizer, scheduler, extra, meta, cfg.keep_checkpoints
         )
@@ -246,21 +334,49 @@ def train_tokenizer(
         images = batch["image"].to(device, non_blocking=True)
         outp = model(images)
         loss = outp.loss
+        terms: dict[str, float] = {}
+        if lpips_model is not None:
+            p_loss = lpips_model(outp.reconstruction, images).mean()
+            loss = loss + cfg.perceptual_weight * p_loss
+            terms["perceptual_loss"] = float(p_loss.detach())
+        use_gan = disc is not None and step >= cfg.disc_start
+        if use_gan:
+            # Generator step: the GAN term through the discriminator (its grads are cleared before its step).
+            g_loss = gan["g"](disc(outp.reconstruction))
+            weight = cfg.adv_weight
+            if gan["adaptive"]:
+                lam = adaptive_gan_weight(loss, g_loss, raw.decoder.head[-1].weight)
+                weight = weight * lam
+                terms["adaptive_weight"] = float(lam)
+            loss = loss + weight * g_loss
+            terms["g_loss"] = float(g_loss.detach())
         # Every process must agree to skip, or DDP's gradient all-reduce would hang.
         bad = acc.reduce(torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=device), "sum")
         if float(bad) > 0:
             nonfinite_total += 1
+            nonfinite_run += 1
             log.warning("step %d: non-finite loss, step skipped (%d so far)", step, nonfinite_total)
+            if nonfinite_run >= cfg.max_nonfinite:
+                last_good = st.latest_checkpoint(ckpt_root)
+                raise RuntimeError(
+                    f"{nonfinite_run} consecutive steps had a non-finite loss (up to step {step}); stopping. "
+                    f"Last good checkpoint: {last_good or 'none'}; resume from it with a lower --lr."
+                )
             optimizer.zero_grad(set_to_none=True)
             step += 1
             scheduler.step()
             continue
+        nonfinite_run = 0
         acc.backward(loss)
         if cfg.grad_clip > 0:
             acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
+        if use_gan:
+            terms.update(
+                discriminator_step(cfg, disc, d_opt, gan, images, outp.reconstruction.detach(), step, acc)
+            )
         dead = raw.quantizer.update_and_restart(step)
         if dead.numel():
             reset_optimizer_rows(optimizer.optimizer, raw.quantizer.codebook, dead)
@@ -270,7 +386,7 @@ def train_tokenizer(
 
         if step % cfg.log_every == 0 or step == cfg.steps:
             now = time.perf_counter()
-            last = outp.scalars()
+            last = {**outp.scalars(), **terms}
             last["psnr"] = float(psnr(outp.reconstruction.detach(), images).mean())
             last["lr"] = scheduler.get_last_lr()[0]
             last["images_per_s"] = n_last / (now - t_last)
