@@ -64,6 +64,7 @@ def add_train_tokenizer(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--vgg-weights", default=None, help="VGG16 weights for LPIPS (default: torch hub cache)")
     g.add_argument("--lpips-weights", default=None, help="LPIPS linear heads (default: the lpips package's)")
     m = p.add_argument_group("model overrides")
+    m.add_argument("--arch", choices=["vit", "cnn"], help="encoder/decoder family (cnn: the VQGAN presets)")
     m.add_argument("--patch-size", type=int)
     m.add_argument("--codebook-size", type=int)
     m.add_argument("--lookup-dim", type=int)
@@ -77,7 +78,7 @@ def add_train_tokenizer(sub: argparse._SubParsersAction) -> None:
 
 def model_overrides(a: argparse.Namespace) -> dict[str, Any]:
     keys = {
-        "image_size": a.image_size, "patch_size": a.patch_size, "codebook_size": a.codebook_size,
+        "arch": a.arch, "image_size": a.image_size, "patch_size": a.patch_size, "codebook_size": a.codebook_size,
         "lookup_dim": a.lookup_dim, "l2_norm": a.l2_norm, "codebook_init": a.codebook_init,
         "dead_code_window": a.dead_code_window, "logit_laplace": a.logit_laplace, "pos_embed": a.pos_embed,
     }  # fmt: skip

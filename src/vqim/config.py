@@ -41,7 +41,7 @@ class TokenizerConfig:
             training step adds).
     """
 
-    arch: Literal["vit"] = "vit"
+    arch: Literal["vit", "cnn"] = "vit"
     image_size: int = 256
     patch_size: int = 8
     channels: int = 3
@@ -65,10 +65,23 @@ class TokenizerConfig:
     l2_weight: float = 1.0
     l1_weight: float = 0.0
     logit_laplace_weight: float = 0.1
+    cnn_channels: int = 128
+    cnn_ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+    cnn_num_res_blocks: int = 2
+    cnn_attn_resolutions: tuple[int, ...] = (16,)
 
     def __post_init__(self) -> None:
-        if self.arch != "vit":
-            raise ValueError(f"arch must be 'vit', got {self.arch!r}")
+        if self.arch not in ("vit", "cnn"):
+            raise ValueError(f"arch must be 'vit' or 'cnn', got {self.arch!r}")
+        if self.arch == "cnn":
+            f = 2 ** (len(self.cnn_ch_mult) - 1)
+            if self.patch_size != f:
+                raise ValueError(
+                    f"a CNN tokenizer downsamples by 2^(levels-1) = {f}; set patch_size={f} "
+                    f"(got {self.patch_size}) or change cnn_ch_mult"
+                )
+            if self.enc_dim != self.dec_dim:
+                raise ValueError("a CNN tokenizer uses one latent width: enc_dim must equal dec_dim")
         if self.image_size <= 0 or self.patch_size <= 0:
             raise ValueError("image_size and patch_size must be positive")
         if self.image_size % self.patch_size:
@@ -109,6 +122,7 @@ class TokenizerConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown tokenizer config keys {unknown}; known keys: {sorted(known)}")
+        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}  # JSON lists → tuples
         return cls(**d)
 
     def hash(self) -> str:
@@ -132,11 +146,39 @@ VIT_BASE = (768, 12, 12, 3072)
 VIT_LARGE = (1280, 32, 16, 5120)
 
 
+def _cnn(
+    channels: int,
+    ch_mult: tuple[int, ...],
+    image_size: int = 256,
+    z: int = 256,
+    attn: tuple[int, ...] = (16,),
+    res_blocks: int = 2,
+    codebook_size: int = 1024,
+    lookup_dim: int | None = None,
+    l2_norm: bool = False,
+) -> TokenizerConfig:
+    return TokenizerConfig(
+        arch="cnn", image_size=image_size, patch_size=2 ** (len(ch_mult) - 1), enc_dim=z, dec_dim=z, enc_heads=1,
+        dec_heads=1, codebook_size=codebook_size, lookup_dim=lookup_dim or z, l2_norm=l2_norm, logit_laplace=False,
+        l2_weight=0.0, l1_weight=1.0, cnn_channels=channels, cnn_ch_mult=ch_mult, cnn_num_res_blocks=res_blocks,
+        cnn_attn_resolutions=attn,
+    )  # fmt: skip
+
+
 TOKENIZER_PRESETS: dict[str, Any] = {
     "vit-vqgan-ss": lambda: _vit(VIT_SMALL, VIT_SMALL),
     "vit-vqgan-bb": lambda: _vit(VIT_BASE, VIT_BASE),
     # SL: Small encoder, Large decoder; the quantizer's project_out maps the lookup space to 1280.
     "vit-vqgan-sl": lambda: _vit(VIT_SMALL, VIT_LARGE),
+    # CNN VQGAN (taming-transformers): vanilla VQ (no factorization, no l2-norm), L1 reconstruction.
+    "vqgan-f16-1024": lambda: _cnn(128, (1, 1, 2, 2, 4), codebook_size=1024),
+    "vqgan-f16-16384": lambda: _cnn(128, (1, 1, 2, 2, 4), codebook_size=16384),
+    # The ViT-VQGAN paper's CNN comparison points: its codebook (8192 codes, dim 32, l2), 32×32 tokens at 256 px.
+    "cnn-vqgan-x1": lambda: _cnn(128, (1, 1, 2, 4), codebook_size=8192, lookup_dim=32, l2_norm=True),
+    "cnn-vqgan-x2": lambda: _cnn(256, (1, 1, 2, 4), codebook_size=8192, lookup_dim=32, l2_norm=True),
+    "vqgan-tiny": lambda: _cnn(
+        32, (1, 2, 2, 4), image_size=64, z=64, attn=(8,), res_blocks=1, codebook_size=512, lookup_dim=64
+    ),
     # The tiny preset trains in minutes on 2 CPU cores: 64 px images, 8×8 tokens.
     "vit-vqgan-tiny": lambda: _vit(
         (128, 2, 4, 512),

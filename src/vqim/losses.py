@@ -65,7 +65,11 @@ def l1_loss(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def vq_loss(z_e: torch.Tensor, e: torch.Tensor, beta: float = 0.25) -> torch.Tensor:
-    """‖sg[z_e] − e‖² + β‖z_e − sg[e]‖²: the codebook term moves codes, the commitment term (β) the encoder."""
+    """‖sg[z_e] − e‖² + β‖z_e − sg[e]‖²: the codebook term moves codes, the commitment term (β) the encoder.
+
+    β weights the commitment term, as in VQ-VAE. taming-transformers' quantizer put β on the codebook term
+    instead (‖sg[z]−e‖²·β + ‖z−sg[e]‖²); vqim follows the paper for VQGAN presets too.
+    """
     return F.mse_loss(e, z_e.detach()) + beta * F.mse_loss(z_e, e.detach())
 
 

@@ -18,6 +18,7 @@ from torch import nn
 from vqim import losses
 from vqim.checkpoint import load_model_dir, save_model_dir
 from vqim.config import TokenizerConfig, get_tokenizer_config
+from vqim.nn import conv
 from vqim.nn.transformer import Transformer, init_weights, sincos_2d
 from vqim.quantize import VectorQuantizer
 
@@ -92,6 +93,39 @@ class ViTEncoder(nn.Module):
         return self.head(self.transformer(h))
 
 
+class CNNEncoder(nn.Module):
+    """The taming-transformers CNN encoder, flattened to tokens.  (B, C, H, W) → (B, h·w, z)."""
+
+    def __init__(self, cfg: TokenizerConfig) -> None:
+        super().__init__()
+        self.net = conv.Encoder(
+            cfg.cnn_channels, cfg.cnn_ch_mult, cfg.cnn_num_res_blocks, cfg.cnn_attn_resolutions, cfg.image_size,
+            cfg.enc_dim, cfg.channels,
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).flatten(2).transpose(1, 2)
+
+
+class CNNDecoder(nn.Module):
+    """The taming-transformers CNN decoder on a token grid.  (B, h·w, z) → (B, C_out, H, W)."""
+
+    def __init__(self, cfg: TokenizerConfig) -> None:
+        super().__init__()
+        self.net = conv.Decoder(
+            cfg.cnn_channels, cfg.cnn_ch_mult, cfg.cnn_num_res_blocks, cfg.cnn_attn_resolutions, cfg.image_size,
+            cfg.dec_dim, cfg.out_channels,
+        )  # fmt: skip
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        return self.net.conv_out.weight
+
+    def forward(self, h: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        b, _, d = h.shape
+        return self.net(h.transpose(1, 2).reshape(b, d, *grid))
+
+
 class ViTDecoder(nn.Module):
     """Position embedding → Transformer → tanh head to p·p·C per token → image.  (B, h·w, D) → (B, C, H, W)."""
 
@@ -103,6 +137,11 @@ class ViTDecoder(nn.Module):
         self.pos = PositionEmbedding(cfg.grid_size, d, cfg.pos_embed)
         self.transformer = Transformer(d, cfg.dec_depth, cfg.dec_heads, cfg.dec_mlp_dim)
         self.head = tanh_head(d, cfg.dec_mlp_dim, cfg.patch_size**2 * cfg.out_channels)
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """The weight VQGAN's adaptive GAN weight differentiates against."""
+        return self.head[-1].weight
 
     def forward(self, h: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         h = self.transformer(h + self.pos(grid))
@@ -162,7 +201,8 @@ class Tokenizer(nn.Module):
     def __init__(self, config: TokenizerConfig) -> None:
         super().__init__()
         self.config = config
-        self.encoder = ViTEncoder(config)
+        vit = config.arch == "vit"
+        self.encoder = ViTEncoder(config) if vit else CNNEncoder(config)
         self.quantizer = VectorQuantizer(
             in_dim=config.enc_dim,
             codebook_size=config.codebook_size,
@@ -172,9 +212,10 @@ class Tokenizer(nn.Module):
             beta=config.beta,
             dead_code_window=config.dead_code_window,
         )
-        self.decoder = ViTDecoder(config)
-        init_weights(self.encoder)
-        init_weights(self.decoder)
+        self.decoder = ViTDecoder(config) if vit else CNNDecoder(config)
+        if vit:  # the CNN keeps PyTorch's default convolution init, as taming-transformers does
+            init_weights(self.encoder)
+            init_weights(self.decoder)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -293,7 +334,7 @@ class Tokenizer(nn.Module):
             raise ValueError(f"ids must be an integer tensor, got dtype {ids.dtype}")
         b, h, w = ids.shape
         vecs = self.quantizer.decode_ids(ids.long().reshape(b, h * w))  # (B, N, D)
-        dtype = self.decoder.head[0].weight.dtype
+        dtype = self.decoder.last_layer.dtype
         return self.to_image(self.decode_latents(vecs.to(dtype), (h, w))).clamp(0, 1)
 
     @torch.no_grad()

@@ -345,7 +345,7 @@ def train_tokenizer(
             g_loss = gan["g"](disc(outp.reconstruction))
             weight = cfg.adv_weight
             if gan["adaptive"]:
-                lam = adaptive_gan_weight(loss, g_loss, raw.decoder.head[-1].weight)
+                lam = adaptive_gan_weight(loss, g_loss, raw.decoder.last_layer)
                 weight = weight * lam
                 terms["adaptive_weight"] = float(lam)
             loss = loss + weight * g_loss
