@@ -204,8 +204,9 @@ def cmd_eval_tokenizer(a: argparse.Namespace) -> None:
     device = _device(a.device)
     tok = _load_tokenizer(a.tokenizer, device)
     ds = build_dataset(a.data, a.image_size or tok.config.image_size, train=False)
-    res = evaluate_tokenizer(tok, ds, a.batch_size, a.num_workers, device, progress=not a.no_progress)
-    counts = res.pop("_counts")
+    res, counts = evaluate_tokenizer(
+        tok, ds, a.batch_size, a.num_workers, device, progress=not a.no_progress, return_counts=True
+    )
     if a.out:
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)

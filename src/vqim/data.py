@@ -314,6 +314,9 @@ class PhotosDataset(_Base):
             oy, ox = (h % s) // 2, (w % s) // 2
             self.tiles += [(k, oy + y * s, ox + x * s) for y in range(h // s) for x in range(w // s)]
         self.length = samples_per_epoch if self.augment else len(self.tiles)
+        # Photographs are drawn in proportion to their area, so every region is equally likely.
+        areas = np.array([a.shape[0] * a.shape[1] for a in self.photos], dtype=np.float64)
+        self.photo_p = areas / areas.sum()
 
     def __len__(self) -> int:
         return self.length
@@ -323,9 +326,7 @@ class PhotosDataset(_Base):
         if rng is None:
             k, y, x = self.tiles[index]
             return self.photos[k][y : y + s, x : x + s], -1
-        # Photographs are drawn in proportion to their area, so every region is equally likely.
-        areas = np.array([a.shape[0] * a.shape[1] for a in self.photos], dtype=np.float64)
-        k = int(rng.choice(len(self.photos), p=areas / areas.sum()))
+        k = int(rng.choice(len(self.photos), p=self.photo_p))
         return _crop(self.photos[k], s, rng, flip=True), -1
 
 

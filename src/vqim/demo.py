@@ -72,8 +72,7 @@ def stage1(out: Path, steps: int | None, progress: bool) -> dict[str, Any]:
 
     tok = Tokenizer.from_pretrained(tok_dir)
     eval_set = build_dataset("photos", tok.config.image_size, train=False)
-    m = evaluate_tokenizer(tok, eval_set, batch_size=32, progress=progress)
-    counts = m.pop("_counts")
+    m, counts = evaluate_tokenizer(tok, eval_set, batch_size=32, progress=progress, return_counts=True)
     usage_histogram_png(counts, out / "usage_histogram.png")
     batch = collate([eval_set[i] for i in range(0, len(eval_set), max(1, len(eval_set) // 16))][:16])
     with torch.no_grad():

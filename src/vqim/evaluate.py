@@ -25,7 +25,8 @@ def evaluate_tokenizer(
     num_workers: int = 0,
     device: str | torch.device = "cpu",
     progress: bool = False,
-) -> dict[str, Any]:
+    return_counts: bool = False,
+) -> dict[str, Any] | tuple[dict[str, Any], torch.Tensor]:
     """Mean per-image PSNR, SSIM, L1, L2 (and logit-Laplace NLL) plus code usage over the dataset.
 
     Usage is reported over the whole set (`usage`, `codes_used`) and per chunk of 256 images as the
@@ -37,6 +38,7 @@ def evaluate_tokenizer(
         batch_size, num_workers: loader settings.
         device: where to run.
         progress: show a progress bar.
+        return_counts: also return the code histogram over the whole set, (K,) float64 (for plots).
     """
     from tqdm.auto import tqdm
 
@@ -76,8 +78,7 @@ def evaluate_tokenizer(
     result.update({"images": n, "codebook_size": tok.config.codebook_size, "skipped_files": len(skipped)})
     if skipped:
         result["skipped"] = skipped
-    result["_counts"] = stats.counts
-    return result
+    return (result, stats.counts) if return_counts else result
 
 
 def usage_histogram_png(counts: torch.Tensor, path: str | os.PathLike, title: str = "") -> None:

@@ -9,7 +9,6 @@ mid-write leaves the previous checkpoint as the latest complete one.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -136,7 +135,3 @@ def list_checkpoints(root: str | os.PathLike) -> list[Path]:
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     done = list_checkpoints(root)
     return done[-1] if done else None
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True)
