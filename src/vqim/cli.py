@@ -33,7 +33,7 @@ def add_train_tokenizer(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=16, help="global batch, summed over processes")
     p.add_argument("--image-size", type=int, default=None, help="override the preset's image size")
-    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (paper: 1e-4)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's paper)")
     p.add_argument("--warmup-steps", type=int, default=None, help="default: 10%% of --steps")
     p.add_argument(
         "--min-lr-ratio", type=float, default=0.5, help="cosine decay ends at lr × this (paper: 0.5)"
@@ -52,15 +52,21 @@ def add_train_tokenizer(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mixed-precision", choices=["auto", "no", "bf16"], default="auto")
     p.add_argument("--no-progress", action="store_true")
     g = p.add_argument_group("adversarial and perceptual terms")
-    g.add_argument("--disc", choices=["none", "stylegan", "patchgan"], default="none")
-    g.add_argument("--disc-start", type=int, default=0, help="step from which the GAN term is used")
-    g.add_argument("--adv-weight", type=float, default=0.1)
+    g.add_argument("--disc", choices=["none", "stylegan", "patchgan"], default=None,
+                   help="discriminator (default: the preset's paper; see `vqim presets`)")  # fmt: skip
+    g.add_argument("--disc-start", type=int, default=None, help="step from which the GAN term is used")
+    g.add_argument(
+        "--adv-weight", type=float, default=None, help="GAN term weight (ViT-VQGAN 0.1, VQGAN 0.8)"
+    )
     g.add_argument("--adaptive-weight", action=argparse.BooleanOptionalAction, default=None,
                    help="VQGAN's adaptive GAN weight (default: on for patchgan)")  # fmt: skip
-    g.add_argument("--r1-gamma", type=float, default=0.0)
-    g.add_argument("--r1-interval", type=int, default=16)
+    g.add_argument("--r1-gamma", type=float, default=None, help="lazy R1 penalty γ (0: off)")
+    g.add_argument("--r1-interval", type=int, default=None)
     g.add_argument("--disc-lr", type=float, default=None)
-    g.add_argument("--perceptual-weight", type=float, default=0.0, help="LPIPS weight (paper: 0.1)")
+    g.add_argument("--betas", type=float, nargs=2, default=None, metavar=("B1", "B2"),
+                   help="Adam betas (ViT-VQGAN 0.9 0.99, VQGAN 0.5 0.9)")  # fmt: skip
+    g.add_argument("--perceptual-weight", type=float, default=None,
+                   help="LPIPS weight (ViT-VQGAN 0.1, VQGAN 1.0; 0 trains without VGG weights)")  # fmt: skip
     g.add_argument("--vgg-weights", default=None, help="VGG16 weights for LPIPS (default: torch hub cache)")
     g.add_argument("--lpips-weights", default=None, help="LPIPS linear heads (default: the lpips package's)")
     m = p.add_argument_group("model overrides")
@@ -88,16 +94,23 @@ def model_overrides(a: argparse.Namespace) -> dict[str, Any]:
 def cmd_train_tokenizer(a: argparse.Namespace) -> None:
     from vqim.train.tokenizer import TokenizerTrainConfig, train_tokenizer
 
-    cfg = TokenizerTrainConfig(
-        out=a.out, data=a.data, preset=a.preset, model=model_overrides(a), steps=a.steps,
-        batch_size=a.batch_size, lr=a.lr, warmup_steps=a.warmup_steps, min_lr_ratio=a.min_lr_ratio, weight_decay=a.weight_decay,
+    given = {
+        "lr": a.lr, "disc": a.disc, "disc_start": a.disc_start, "adv_weight": a.adv_weight,
+        "adaptive_weight": a.adaptive_weight, "r1_gamma": a.r1_gamma, "r1_interval": a.r1_interval,
+        "disc_lr": a.disc_lr, "betas": tuple(a.betas) if a.betas else None, "perceptual_weight": a.perceptual_weight,
+    }  # fmt: skip
+    cfg = TokenizerTrainConfig.for_preset(
+        a.preset, out=a.out, data=a.data, model=model_overrides(a), steps=a.steps,
+        batch_size=a.batch_size, warmup_steps=a.warmup_steps, min_lr_ratio=a.min_lr_ratio, weight_decay=a.weight_decay,
         grad_clip=a.grad_clip, seed=a.seed, num_workers=a.num_workers, log_every=a.log_every,
         image_every=a.image_every, ckpt_every=a.ckpt_every, resume=a.resume,
         mixed_precision=a.mixed_precision, progress=not a.no_progress,
-        max_seconds=None if a.max_minutes is None else 60 * a.max_minutes, compile=a.compile, disc=a.disc,
-        disc_start=a.disc_start, adv_weight=a.adv_weight, adaptive_weight=a.adaptive_weight, r1_gamma=a.r1_gamma,
-        r1_interval=a.r1_interval, disc_lr=a.disc_lr, perceptual_weight=a.perceptual_weight,
-        vgg_weights=a.vgg_weights, lpips_weights=a.lpips_weights,
+        max_seconds=None if a.max_minutes is None else 60 * a.max_minutes, compile=a.compile,
+        vgg_weights=a.vgg_weights, lpips_weights=a.lpips_weights, **{k: v for k, v in given.items() if v is not None},
+    )  # fmt: skip
+    log.info(
+        "recipe: disc=%s adv_weight=%s perceptual_weight=%s lr=%.3g betas=%s",
+        cfg.disc, cfg.adv_weight, cfg.perceptual_weight, cfg.lr, cfg.betas,
     )  # fmt: skip
     summary = train_tokenizer(cfg)
     if summary.get("skipped_files"):
@@ -199,14 +212,23 @@ def cmd_decode(a: argparse.Namespace) -> None:
 def cmd_eval_tokenizer(a: argparse.Namespace) -> None:
     from vqim.checkpoint import write_json
     from vqim.data import build_dataset
-    from vqim.evaluate import evaluate_tokenizer, usage_histogram_png
+    from vqim.evaluate import evaluate_tokenizer, optional_metric_models, usage_histogram_png
 
     device = _device(a.device)
     tok = _load_tokenizer(a.tokenizer, device)
     ds = build_dataset(a.data, a.image_size or tok.config.image_size, train=False)
+    try:
+        lp, inc, notes = optional_metric_models(
+            a.vgg_weights, a.lpips_weights, a.inception_weights, a.lpips, a.fid, device
+        )
+    except (FileNotFoundError, ImportError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
     res, counts = evaluate_tokenizer(
-        tok, ds, a.batch_size, a.num_workers, device, progress=not a.no_progress, return_counts=True
-    )
+        tok, ds, a.batch_size, a.num_workers, device, progress=not a.no_progress, return_counts=True,
+        lpips_model=lp, inception=inc,
+    )  # fmt: skip
+    if notes:
+        res["not_measured"] = notes
     if a.out:
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -260,7 +282,68 @@ def add_use_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
+    add_metric_weight_args(p)
     p.set_defaults(func=cmd_eval_tokenizer)
+
+
+def add_metric_weight_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("perceptual and Inception metrics (auto: measured when the weights are found)")
+    g.add_argument("--lpips", choices=["auto", "on", "off"], default="auto", help="LPIPS distance")
+    g.add_argument("--fid", choices=["auto", "on", "off"], default="auto", help="rFID and Inception Score")
+    g.add_argument("--vgg-weights", default=None, help="VGG16 weights for LPIPS (default: torch hub cache)")
+    g.add_argument("--lpips-weights", default=None, help="LPIPS linear heads (default: the lpips package's)")
+    g.add_argument("--inception-weights", default=None,
+                   help="torch-fidelity InceptionV3 weights (.pth or .safetensors; default: torch hub cache)")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- ablate
+def cmd_ablate(a: argparse.Namespace) -> None:
+    from vqim.ablate import AblationConfig, run_ablation
+    from vqim.config import parse_overrides
+
+    try:
+        base = parse_overrides(a.set or [])
+    except ValueError as e:
+        raise SystemExit(f"error: --set: {e}") from None
+    cfg = AblationConfig(
+        out=a.out,
+        base_model=base, data=a.data, steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, preset=a.preset,
+        disc_start=a.disc_start, perceptual_weight=a.perceptual_weight, vgg_weights=a.vgg_weights,
+        lpips_weights=a.lpips_weights, inception_weights=a.inception_weights, only=a.only,
+        num_workers=a.num_workers, progress=not a.no_progress, device=_device(a.device),
+    )  # fmt: skip
+    command = "vqim ablate " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 and sys.argv[1] == "ablate" else ""
+    res = run_ablation(cfg, command=command)
+    print(res["markdown"])
+
+
+def add_ablate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "ablate", help="the ViT-VQGAN ablation study: train + evaluate every variant, table and plots"
+    )
+    p.add_argument(
+        "--data", default="photos", help="dataset (training split to train, held-out split to evaluate)"
+    )
+    p.add_argument("--out", required=True, help="study folder (re-running resumes)")
+    p.add_argument("--steps", type=int, default=400, help="training steps per variant")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument(
+        "--lr", type=float, default=1e-3, help="peak lr (short budgets need more than the paper's 1e-4)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", default="vit-vqgan-tiny", help="base tokenizer preset")
+    p.add_argument("--set", nargs="+", metavar="KEY=VALUE", default=None,
+                   help="tokenizer config overrides for every variant, e.g. dead_code_window=0 codebook_init=normal")  # fmt: skip
+    p.add_argument("--disc-start", type=int, default=None, help="default: a quarter of --steps")
+    p.add_argument("--perceptual-weight", type=float, default=0.0)
+    p.add_argument("--only", nargs="+", default=None, help="run only these variants (names as in results.md)")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--vgg-weights", default=None)
+    p.add_argument("--lpips-weights", default=None)
+    p.add_argument("--inception-weights", default=None)
+    p.set_defaults(func=cmd_ablate)
 
 
 # ---------------------------------------------------------------------------------------------- prior
@@ -507,7 +590,13 @@ def cmd_probe(a: argparse.Namespace) -> None:
 def cmd_presets(a: argparse.Namespace) -> None:
     import torch
 
-    from vqim.config import get_prior_config, get_tokenizer_config, prior_presets, tokenizer_presets
+    from vqim.config import (
+        get_prior_config,
+        get_tokenizer_config,
+        prior_presets,
+        tokenizer_presets,
+        train_recipe,
+    )
     from vqim.prior import Prior
     from vqim.tokenizer import Tokenizer
 
@@ -516,7 +605,8 @@ def cmd_presets(a: argparse.Namespace) -> None:
         with torch.device("meta"):
             tok = Tokenizer(get_tokenizer_config(name))
         counts = {k: round(v / 1e6, 2) for k, v in tok.num_params().items()}
-        rows["tokenizers"][name] = {"params_M": counts, **tok.config.to_dict()}
+        recipe = {k: list(v) if isinstance(v, tuple) else v for k, v in train_recipe(name).items()}
+        rows["tokenizers"][name] = {"params_M": counts, "train_recipe": recipe, **tok.config.to_dict()}
     # Priors are counted at the paper's ImageNet setting: 8192 codes, 32×32 tokens, 1000 classes.
     for name in prior_presets():
         with torch.device("meta"):
@@ -552,6 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_use_commands(sub)
     add_prior_commands(sub)
     add_probe_command(sub)
+    add_ablate(sub)
     p = sub.add_parser("presets", help="list model presets with parameter counts")
     p.set_defaults(func=cmd_presets)
     p = sub.add_parser("demo", help="the two-stage pipeline on built-in data (photos, digits)")

@@ -27,7 +27,8 @@ class TokenizerConfig:
         codebook_size: number of codes K.
         lookup_dim: dimension of the lookup space. Smaller than enc_dim = factorized codes (ViT-VQGAN 3.2);
             equal to enc_dim = no factorization (project_in is Identity, and project_out too when
-            dec_dim equals enc_dim).
+            dec_dim equals enc_dim); larger than enc_dim is allowed (a projection up, as in the paper's
+            lookup-dim ablation with small encoders).
         l2_norm: l2-normalise projected encodings and codes (nearest code = highest cosine similarity).
         beta: commitment weight of the VQ loss ‖sg[z]−e‖² + β‖z−sg[e]‖².
         codebook_init: "normal" (the paper) or "data" (codes set from the first batch of encoder outputs).
@@ -93,8 +94,8 @@ class TokenizerConfig:
             dim, heads = getattr(self, f"{prefix}_dim"), getattr(self, f"{prefix}_heads")
             if dim % heads:
                 raise ValueError(f"{prefix}_dim {dim} is not divisible by {prefix}_heads {heads}")
-        if not 0 < self.lookup_dim <= self.enc_dim:
-            raise ValueError(f"lookup_dim must be in [1, enc_dim={self.enc_dim}], got {self.lookup_dim}")
+        if self.lookup_dim <= 0:
+            raise ValueError(f"lookup_dim must be positive, got {self.lookup_dim}")
         if self.codebook_size < 2:
             raise ValueError("codebook_size must be at least 2")
         if self.codebook_init not in ("normal", "data"):
@@ -190,6 +191,74 @@ TOKENIZER_PRESETS: dict[str, Any] = {
         dead_code_window=20,
     ),  # fmt: skip
 }
+
+
+# Loss and optimiser defaults of each tokenizer preset, from its paper; `vqim train-tokenizer` (and
+# `TokenizerTrainConfig.for_preset`) use them for every setting not given explicitly.
+# - ViT-VQGAN (SPEC: L = L_VQ + 0.1·L_adv + 0.1·L_perceptual + 0.1·L_logit-Laplace + 1.0·L2; Adam (0.9, 0.99),
+#   lr 1e-4). The paper leaves the GAN loss form, R1 and the start step open: vqim uses StyleGAN2's
+#   non-saturating loss with lazy R1 (γ = 10 every 16 steps, StyleGAN2's setting) from step 0.
+# - Taming VQGAN (its released ImageNet configs): PatchGAN + hinge, adaptive weight × 0.8 from step 250001,
+#   LPIPS weight 1.0, Adam (0.5, 0.9), lr 4.5e-6 per image of the global batch.
+# - The tiny presets are for CPU minutes and offline machines: no discriminator, no perceptual term.
+_VIT_RECIPE: dict[str, Any] = {
+    "disc": "stylegan", "adv_weight": 0.1, "disc_start": 0, "r1_gamma": 10.0,
+    "r1_interval": 16, "perceptual_weight": 0.1, "betas": (0.9, 0.99), "lr": 1e-4,
+}  # fmt: skip
+_TAMING_RECIPE: dict[str, Any] = {
+    "disc": "patchgan", "adv_weight": 0.8, "adaptive_weight": True, "disc_start": 250001, "r1_gamma": 0.0,
+    "perceptual_weight": 1.0, "betas": (0.5, 0.9), "lr_per_image": 4.5e-6,
+}  # fmt: skip
+_TINY_RECIPE: dict[str, Any] = {"disc": "none", "perceptual_weight": 0.0}
+TRAIN_RECIPES: dict[str, dict[str, Any]] = {
+    "vit-vqgan-ss": _VIT_RECIPE,
+    "vit-vqgan-bb": _VIT_RECIPE,
+    "vit-vqgan-sl": _VIT_RECIPE,
+    # The ViT-VQGAN paper trains its CNN comparison points with its own objective.
+    "cnn-vqgan-x1": _VIT_RECIPE,
+    "cnn-vqgan-x2": _VIT_RECIPE,
+    "vqgan-f16-1024": _TAMING_RECIPE,
+    "vqgan-f16-16384": _TAMING_RECIPE,
+    "vit-vqgan-tiny": _TINY_RECIPE,
+    "vqgan-tiny": {**_TINY_RECIPE, "betas": (0.5, 0.9)},
+}
+
+
+def train_recipe(preset: str) -> dict[str, Any]:
+    """Training defaults of a tokenizer preset (see TRAIN_RECIPES); {} for an unknown name."""
+    return dict(TRAIN_RECIPES.get(preset, {}))
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`["key=value", ...]` to TokenizerConfig overrides, each value read as its field's type.
+
+    Booleans take true/false (or 1/0), tuples comma-separated integers (`cnn_ch_mult=1,1,2,2`).
+    """
+    defaults = {f.name: f.default for f in dataclasses.fields(TokenizerConfig)}
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"expected KEY=VALUE, got {item!r}")
+        if key not in defaults:
+            raise ValueError(f"unknown tokenizer config field {key!r}; known fields: {sorted(defaults)}")
+        d = defaults[key]
+        try:
+            if isinstance(d, bool):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(value)
+                out[key] = value.lower() in ("true", "1")
+            elif isinstance(d, int):
+                out[key] = int(value)
+            elif isinstance(d, float):
+                out[key] = float(value)
+            elif isinstance(d, tuple):
+                out[key] = tuple(int(v) for v in value.split(",") if v)
+            else:
+                out[key] = value
+        except ValueError:
+            raise ValueError(f"{key}={value!r} is not a valid {type(d).__name__}") from None
+    return out
 
 
 def tokenizer_presets() -> list[str]:
@@ -345,6 +414,9 @@ __all__ = [
     "get_tokenizer_config",
     "tokenizer_presets",
     "TOKENIZER_PRESETS",
+    "TRAIN_RECIPES",
+    "train_recipe",
+    "parse_overrides",
     "PriorConfig",
     "get_prior_config",
     "prior_presets",

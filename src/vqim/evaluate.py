@@ -26,11 +26,15 @@ def evaluate_tokenizer(
     device: str | torch.device = "cpu",
     progress: bool = False,
     return_counts: bool = False,
+    lpips_model: torch.nn.Module | None = None,
+    inception: torch.nn.Module | None = None,
 ) -> dict[str, Any] | tuple[dict[str, Any], torch.Tensor]:
     """Mean per-image PSNR, SSIM, L1, L2 (and logit-Laplace NLL) plus code usage over the dataset.
 
     Usage is reported over the whole set (`usage`, `codes_used`) and per chunk of 256 images as the
-    ViT-VQGAN paper measures it (`usage_per_256`); unreadable files are skipped and counted.
+    ViT-VQGAN paper measures it (`usage_per_256`); unreadable files are skipped and counted. With the
+    optional networks it adds the mean LPIPS distance (`lpips`) and rFID / Inception Score of the
+    reconstructions (`rfid`, `inception_score`, `inception_score_std`; see vqim.fid).
 
     Args:
         tok: the tokenizer (put in eval mode here).
@@ -39,6 +43,8 @@ def evaluate_tokenizer(
         device: where to run.
         progress: show a progress bar.
         return_counts: also return the code histogram over the whole set, (K,) float64 (for plots).
+        lpips_model: a `vqim.perceptual.LPIPS` (None: no LPIPS).
+        inception: a network from `vqim.fid.load_inception` (None: no rFID / IS).
     """
     from tqdm.auto import tqdm
 
@@ -48,6 +54,14 @@ def evaluate_tokenizer(
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
     stats = CodebookStats(tok.config.codebook_size)
     sums: dict[str, float] = {"psnr": 0.0, "ssim": 0.0, "l1": 0.0, "l2": 0.0, "logit_laplace": 0.0}
+    if lpips_model is not None:
+        lpips_model = lpips_model.to(device).eval()
+        sums["lpips"] = 0.0
+    incep = None
+    if inception is not None:
+        from vqim.fid import InceptionMetrics
+
+        incep = InceptionMetrics(inception.to(device))
     n, skipped = 0, []
     for batch in tqdm(loader, disable=not progress, desc="eval", leave=False):
         skipped += batch["skipped"]
@@ -67,6 +81,10 @@ def evaluate_tokenizer(
             # Images share one size, so batch mean × b adds up to the mean of per-image means.
             c = tok.config.channels
             sums["logit_laplace"] += b * float(losses.logit_laplace_nll(raw[:, :c], raw[:, c:], x))
+        if lpips_model is not None:
+            sums["lpips"] += float(lpips_model(rec, x).sum())
+        if incep is not None:
+            incep.update(x, rec)
         stats.update(q.ids)
         n += b
     if n == 0:
@@ -75,10 +93,54 @@ def evaluate_tokenizer(
     if not tok.config.logit_laplace:
         result.pop("logit_laplace")
     result.update(stats.summary())
+    if incep is not None:
+        result.update(incep.compute())
     result.update({"images": n, "codebook_size": tok.config.codebook_size, "skipped_files": len(skipped)})
     if skipped:
         result["skipped"] = skipped
     return (result, stats.counts) if return_counts else result
+
+
+def optional_metric_models(
+    vgg_weights: str | None = None,
+    lpips_weights: str | None = None,
+    inception_weights: str | None = None,
+    lpips: str = "auto",
+    fid: str = "auto",
+    device: str | torch.device = "cpu",
+) -> tuple[torch.nn.Module | None, torch.nn.Module | None, dict[str, str]]:
+    """(LPIPS network, InceptionV3, {metric: why it is not measured}) for `evaluate_tokenizer`.
+
+    Each of `lpips` / `fid` is "on" (a missing weight file is an error), "off", or "auto" (measured when the
+    weights are found, else left out with the reason recorded). A weight path given explicitly counts as "on".
+    """
+    for name, mode in (("lpips", lpips), ("fid", fid)):
+        if mode not in ("auto", "on", "off"):
+            raise ValueError(f"--{name} must be auto, on or off, got {mode!r}")
+    notes: dict[str, str] = {}
+    lp = inc = None
+    if lpips != "off":
+        from vqim.perceptual import LPIPS
+
+        try:
+            lp = LPIPS(vgg_weights, lpips_weights).to(device)
+        except (FileNotFoundError, ValueError) as e:
+            if lpips == "on" or vgg_weights is not None or lpips_weights is not None:
+                raise
+            notes["lpips"] = str(e)
+    if fid != "off":
+        from vqim.fid import load_inception
+
+        try:
+            inc = load_inception(inception_weights, device)
+        except (FileNotFoundError, ImportError, ValueError) as e:
+            if fid == "on" or inception_weights is not None:
+                raise
+            notes["rfid"] = notes["inception_score"] = str(e)
+    for k, why in {"lpips": notes.get("lpips"), "rfid, inception_score": notes.get("rfid")}.items():
+        if why:
+            log.info("not measured: %s (%s)", k, why)
+    return lp, inc, notes
 
 
 def usage_histogram_png(counts: torch.Tensor, path: str | os.PathLike, title: str = "") -> None:

@@ -122,6 +122,20 @@ class TokenizerTrainConfig:
     lpips_weights: str | None = None
     max_nonfinite: int = 20
 
+    @classmethod
+    def for_preset(cls, preset: str, **settings: Any) -> TokenizerTrainConfig:
+        """Settings with the preset's paper recipe (vqim.config.TRAIN_RECIPES) for everything not given.
+
+        A recipe's `lr_per_image` (taming's convention) becomes lr = lr_per_image × batch_size.
+        """
+        from vqim.config import train_recipe
+
+        recipe = train_recipe(preset)
+        per_image = recipe.pop("lr_per_image", None)
+        if per_image is not None and "lr" not in settings:
+            recipe["lr"] = per_image * settings.get("batch_size", cls.batch_size)
+        return cls(preset=preset, **{**recipe, **settings})
+
 
 def lr_lambda(step: int, total: int, warmup: int, min_ratio: float) -> float:
     """Linear warmup to 1, then cosine decay to min_ratio at `total`."""
