@@ -5,8 +5,15 @@ width 256, 4 + 4 blocks, 4 heads, MLP 1024, 8192 codes, lookup dim 32, l2-norm; 
 backward (L2 + VQ loss) + Adam update at batch 8; encode at batch 32; fp32 on CPU with 2 threads.
 
 The machine's matmul speed is measured in the same run (sgemm 2048²), so figures from another day can be
-compared after normalising by it. Usage:
-    python benchmarks/tokenizer_speed.py [--repeats 7] [--device cpu|cuda] [--threads 2]
+compared after normalising by it.
+
+--gan stylegan|patchgan times the full adversarial step as `vqim train-tokenizer` runs it: the generator step
+(reconstruction + GAN term through the discriminator, backward, Adam) and then the discriminator step on real
+and reconstructed images (lazy R1 every 16 steps for StyleGAN). --compare runs the ViT and the CNN at the same
+16×16 token grid and about the same parameter count (7.8M vs 8.6M) in one process and prints their ratio (the
+ViT-VQGAN paper: SS 1.6× faster than CNN ×1). Usage:
+    python benchmarks/tokenizer_speed.py [--repeats 7] [--device cpu|cuda] [--threads 2] [--arch vit|cnn]
+        [--gan none|stylegan|patchgan] [--compare]
 """
 
 from __future__ import annotations
@@ -77,6 +84,66 @@ def measure(fn, n_items: int, repeats: int, warmup: int, device: str) -> dict:
     return {"median": statistics.median(rates), "min": min(rates), "max": max(rates)}
 
 
+class _Backward:
+    """Stands in for the Accelerator in `discriminator_step` (single process: plain backward)."""
+
+    @staticmethod
+    def backward(loss: torch.Tensor) -> None:
+        loss.backward()
+
+
+def run_arch(args, arch: str) -> dict:
+    """Train-step and encode throughput of one architecture (optionally with the full GAN step)."""
+    from vqim.train.tokenizer import TokenizerTrainConfig, build_gan, discriminator_step
+
+    dev = args.device
+    torch.manual_seed(0)
+    tok = Tokenizer.from_preset("vit-vqgan-ss", **bench_config(arch)).to(dev)
+    params = sum(p.numel() for p in tok.parameters())
+    model = torch.compile(tok, mode=args.compile_mode) if args.compile else tok
+    opt = torch.optim.AdamW(tok.parameters(), lr=1e-4, betas=(0.9, 0.99), weight_decay=1e-4, fused=True)
+    x_train = torch.rand(args.train_batch, 3, 128, 128, device=dev)
+    x_enc = torch.rand(args.encode_batch, 3, 128, 128, device=dev)
+    amp = torch.autocast(dev, dtype=torch.bfloat16, enabled=args.bf16)
+    gcfg = TokenizerTrainConfig(out="", disc=args.gan, r1_gamma=10.0 if args.gan == "stylegan" else 0.0)
+    disc, d_opt, gan = build_gan(gcfg, 128)
+    if disc is not None:
+        disc = disc.to(dev)
+    step = [0]
+
+    def train_step() -> None:
+        with amp:
+            out = model(x_train)  # loss = VQ + L2 (logit-Laplace head off, l1 weight 0)
+            loss = out.loss
+            if disc is not None:
+                loss = loss + gcfg.adv_weight * gan["g"](disc(out.reconstruction))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if disc is not None:
+            with amp:
+                discriminator_step(
+                    gcfg, disc, d_opt, gan, x_train, out.reconstruction.detach(), step[0], _Backward
+                )
+        step[0] += 1
+
+    def encode() -> None:
+        with amp:
+            tok.encode(x_enc)
+
+    tok.train()
+    train = measure(train_step, args.train_batch, args.repeats, args.warmup, dev)
+    tok.eval()
+    enc = measure(encode, args.encode_batch, args.repeats, args.warmup, dev)
+    return {
+        "config": {**bench_config(arch), "train_batch": args.train_batch, "encode_batch": args.encode_batch},
+        "params": params,
+        "disc_params": sum(p.numel() for p in disc.parameters()) if disc is not None else 0,
+        "train_images_per_s": {k: round(v, 2) for k, v in train.items()},
+        "encode_images_per_s": {k: round(v, 2) for k, v in enc.items()},
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=7)
@@ -87,6 +154,9 @@ def main() -> None:
     ap.add_argument("--encode-batch", type=int, default=32)
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     ap.add_argument("--arch", choices=["vit", "cnn"], default="vit", help="ViT-VQGAN or the taming CNN VQGAN")
+    ap.add_argument("--gan", choices=["none", "stylegan", "patchgan"], default="none",
+                    help="time the full generator + discriminator step")  # fmt: skip
+    ap.add_argument("--compare", action="store_true", help="ViT vs CNN at matched grid and size, one process")
     ap.add_argument("--compile", action="store_true", help="torch.compile the tokenizer")
     ap.add_argument("--compile-mode", default="default",
                     help="torch.compile mode, e.g. max-autotune-no-cudagraphs")  # fmt: skip
@@ -95,48 +165,40 @@ def main() -> None:
     torch.manual_seed(0)
     dev = args.device
 
-    tok = Tokenizer.from_preset("vit-vqgan-ss", **bench_config(args.arch)).to(dev)
-    params = sum(p.numel() for p in tok.parameters())
-    model = torch.compile(tok, mode=args.compile_mode) if args.compile else tok
-    opt = torch.optim.AdamW(tok.parameters(), lr=1e-4, betas=(0.9, 0.99), weight_decay=1e-4, fused=True)
-    x_train = torch.rand(args.train_batch, 3, 128, 128, device=dev)
-    x_enc = torch.rand(args.encode_batch, 3, 128, 128, device=dev)
-    amp = torch.autocast(dev, dtype=torch.bfloat16, enabled=args.bf16)
+    if args.compare:
+        runs = {arch: run_arch(args, arch) for arch in ("vit", "cnn")}
+        v, c = runs["vit"], runs["cnn"]
+        result = {
+            "device": dev, "threads": args.threads, "bf16": args.bf16, "gan": args.gan,
+            "compile": args.compile_mode if args.compile else False, "runs": runs,
+            "token_grid": [16, 16], "params_ratio_cnn_over_vit": round(c["params"] / v["params"], 3),
+            "vit_over_cnn_train": round(v["train_images_per_s"]["median"] / c["train_images_per_s"]["median"], 2),
+            "vit_over_cnn_encode": round(v["encode_images_per_s"]["median"] / c["encode_images_per_s"]["median"], 2),
+            "paper_vit_ss_over_cnn_x1_train": round(1520 / 946, 2),
+        }  # fmt: skip
+        print(json.dumps(result, indent=2))
+        return
 
-    def train_step() -> None:
-        with amp:
-            out = model(x_train)  # loss = VQ + L2 (logit-Laplace head off, l1 weight 0)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    def encode() -> None:
-        with amp:
-            tok.encode(x_enc)
-
-    tok.train()
-    train = measure(train_step, args.train_batch, args.repeats, args.warmup, dev)
-    tok.eval()
-    enc = measure(encode, args.encode_batch, args.repeats, args.warmup, dev)
+    r = run_arch(args, args.arch)
+    train, enc = r["train_images_per_s"], r["encode_images_per_s"]
     gflops = sgemm_gflops(dev)
     machine = gflops / PEER_SGEMM if dev == "cpu" else None
     peer = PEERS[args.arch]
     result = {
-        "config": {
-            **bench_config(args.arch),
-            "train_batch": args.train_batch,
-            "encode_batch": args.encode_batch,
-        },
-        "params": params,
+        "config": r["config"],
+        "params": r["params"],
         "device": dev,
         "threads": args.threads,
         "bf16": args.bf16,
+        "gan": args.gan,
+        "disc_params": r["disc_params"],
         "compile": args.compile_mode if args.compile else False,
         "sgemm_gflops": round(gflops, 1),
-        "train_images_per_s": {k: round(v, 2) for k, v in train.items()},
-        "encode_images_per_s": {k: round(v, 2) for k, v in enc.items()},
+        "train_images_per_s": train,
+        "encode_images_per_s": enc,
     }
-    if dev == "cpu":
+    if dev == "cpu" and args.gan == "none":
+        # The public figures time the reconstruction step without a discriminator.
         result["peer"] = {**peer, "sgemm_gflops": PEER_SGEMM}
         result["speedup_vs_peer_train"] = round(train["median"] / peer["train_images_per_s"], 2)
         result["speedup_vs_peer_encode"] = round(enc["median"] / peer["encode_images_per_s"], 2)

@@ -54,3 +54,43 @@ def test_two_process_gloo_run_matches_one_process(tmp_path):
     init = Tokenizer.from_preset("vit-vqgan-tiny", image_size=32, dead_code_window=2).state_dict()
     moved = [k for k in init if not torch.equal(init[k], single[k])]
     assert len(moved) > len(init) // 2
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists(),
+                    reason="accelerate CLI not installed")  # fmt: skip
+def test_two_process_evaluation_equals_one_process(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from vqim import Tokenizer
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(11):  # odd: the processes get unequal shares
+        Image.fromarray(rng.integers(0, 255, (36, 40, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    (folder / "broken.png").write_bytes(b"not a png")
+    torch.manual_seed(0)
+    Tokenizer.from_preset("vit-vqgan-tiny", image_size=32, codebook_size=64).save_pretrained(tmp_path / "tok")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    vqim = str(Path(sys.executable).parent / "vqim")
+    args = ["eval-tokenizer", "--tokenizer", str(tmp_path / "tok"), "--data", str(folder), "--batch-size", "2",
+            "--no-progress", "--lpips", "off", "--fid", "off"]  # fmt: skip
+    _launch(
+        [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "--main_process_port", "29518", "-m", "vqim.cli", *args, "--out", str(tmp_path / "two")],
+        env,
+    )  # fmt: skip
+    _launch([vqim, *args, "--out", str(tmp_path / "one")], env)
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    assert one["images"] == two["images"] == 11 and one["skipped_files"] == two["skipped_files"] == 1
+    assert one.pop("processes") == 1 and two.pop("processes") == 2
+    assert set(one) == set(two)
+    for k, v in one.items():
+        if isinstance(v, float):
+            assert two[k] == pytest.approx(v, rel=1e-5), k
+        else:
+            assert two[k] == v, k

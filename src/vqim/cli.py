@@ -210,11 +210,20 @@ def cmd_decode(a: argparse.Namespace) -> None:
 
 
 def cmd_eval_tokenizer(a: argparse.Namespace) -> None:
+    import os
+
     from vqim.checkpoint import write_json
     from vqim.data import build_dataset
     from vqim.evaluate import evaluate_tokenizer, optional_metric_models, usage_histogram_png
 
+    main_process = True
     device = _device(a.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Under `accelerate launch` / torchrun: every process evaluates a share; results are combined.
+        from accelerate import PartialState
+
+        state = PartialState()
+        main_process, device = state.is_main_process, str(state.device)
     tok = _load_tokenizer(a.tokenizer, device)
     ds = build_dataset(a.data, a.image_size or tok.config.image_size, train=False)
     try:
@@ -224,11 +233,13 @@ def cmd_eval_tokenizer(a: argparse.Namespace) -> None:
     except (FileNotFoundError, ImportError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     res, counts = evaluate_tokenizer(
-        tok, ds, a.batch_size, a.num_workers, device, progress=not a.no_progress, return_counts=True,
-        lpips_model=lp, inception=inc,
+        tok, ds, a.batch_size, a.num_workers, device, progress=not a.no_progress and main_process,
+        return_counts=True, lpips_model=lp, inception=inc,
     )  # fmt: skip
     if notes:
         res["not_measured"] = notes
+    if not main_process:
+        return
     if a.out:
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -45,14 +45,26 @@ def evaluate_tokenizer(
         return_counts: also return the code histogram over the whole set, (K,) float64 (for plots).
         lpips_model: a `vqim.perceptual.LPIPS` (None: no LPIPS).
         inception: a network from `vqim.fid.load_inception` (None: no rFID / IS).
+
+    Under torch.distributed (e.g. `accelerate launch`), each process evaluates a contiguous share of the set and
+    the results are combined across processes before anything is computed from them: sums and feature
+    statistics are all-reduced, and the code ids and Inception logits are gathered in dataset order, so usage
+    (also per 256 images) and IS equal a one-process run's. Every process returns the same result.
     """
     from tqdm.auto import tqdm
 
     from vqim.data import collate
 
+    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist else (0, 1)
+    if world > 1:
+        from torch.utils.data import Subset
+
+        share = -(-len(dataset) // world)
+        dataset = Subset(dataset, range(rank * share, min(len(dataset), (rank + 1) * share)))
     tok.eval().to(device)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
-    stats = CodebookStats(tok.config.codebook_size)
+    all_ids: list[torch.Tensor] = []
     sums: dict[str, float] = {"psnr": 0.0, "ssim": 0.0, "l1": 0.0, "l2": 0.0, "logit_laplace": 0.0}
     if lpips_model is not None:
         lpips_model = lpips_model.to(device).eval()
@@ -85,20 +97,61 @@ def evaluate_tokenizer(
             sums["lpips"] += float(lpips_model(rec, x).sum())
         if incep is not None:
             incep.update(x, rec)
-        stats.update(q.ids)
+        all_ids.append(q.ids.detach().cpu().to(torch.int32))
         n += b
+    ids = torch.cat(all_ids) if all_ids else torch.zeros(0, *tok.config.grid_size, dtype=torch.int32)
+    if world > 1:
+        keys = sorted(sums)
+        t = torch.tensor([sums[k] for k in keys] + [float(n)], dtype=torch.float64)
+        t = _all_reduce_sum(t)
+        sums, n = dict(zip(keys, t[:-1].tolist())), int(t[-1])
+        ids = torch.cat(_all_gather_objects(ids))
+        skipped = [f for part in _all_gather_objects(skipped) for f in part]
+        if incep is not None:
+            for fs in (incep.real, incep.fake):
+                fs.n = int(_all_reduce_sum(torch.tensor([float(fs.n)], dtype=torch.float64))[0])
+                fs.sum, fs.outer = _all_reduce_sum(fs.sum), _all_reduce_sum(fs.outer)
+            incep.logits = [
+                torch.cat(incep.logits) if incep.logits else torch.zeros(0, 1008, dtype=torch.float64)
+            ]
+            incep.logits = _all_gather_objects(incep.logits[0])
     if n == 0:
         raise ValueError("the evaluation set holds no readable image")
+    stats = CodebookStats(tok.config.codebook_size)
+    stats.update(ids)  # in dataset order, so the chunks of 256 are the same on any number of processes
     result: dict[str, Any] = {k: v / n for k, v in sums.items()}
     if not tok.config.logit_laplace:
         result.pop("logit_laplace")
     result.update(stats.summary())
     if incep is not None:
         result.update(incep.compute())
-    result.update({"images": n, "codebook_size": tok.config.codebook_size, "skipped_files": len(skipped)})
+    result.update(
+        {
+            "images": n,
+            "codebook_size": tok.config.codebook_size,
+            "skipped_files": len(skipped),
+            "processes": world,
+        }
+    )
     if skipped:
         result["skipped"] = skipped
     return (result, stats.counts) if return_counts else result
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over processes (on the CPU: gloo; a copy on the default CUDA device under nccl)."""
+    backend = torch.distributed.get_backend()
+    dev = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    x = t.to(dev).clone()
+    torch.distributed.all_reduce(x)
+    return x.cpu()
+
+
+def _all_gather_objects(obj: Any) -> list[Any]:
+    """Every process's obj, in rank order (tensors of ids/logits and file names: internal traffic only)."""
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
 
 
 def optional_metric_models(
