@@ -95,3 +95,14 @@ def test_adaptive_weight_is_the_gradient_norm_ratio():
     torch.testing.assert_close(lam, (g_rec.norm() / (g_gan.norm() + 1e-4)))
     assert not lam.requires_grad
     assert float(losses.adaptive_gan_weight(rec, gan * 0, layer.weight, max_weight=10.0)) == 10.0
+
+
+def test_disc_channels_sets_the_discriminator_width():
+    from vqim.train.tokenizer import TokenizerTrainConfig, build_gan
+
+    for kind in ("stylegan", "patchgan"):
+        narrow, _, _ = build_gan(TokenizerTrainConfig(out="", disc=kind, disc_channels=16), 64)
+        wide, _, _ = build_gan(TokenizerTrainConfig(out="", disc=kind), 64)
+        first = next(p for p in narrow.parameters() if p.dim() == 4)
+        assert first.shape[0] == 16
+        assert sum(p.numel() for p in narrow.parameters()) < sum(p.numel() for p in wide.parameters()) / 4

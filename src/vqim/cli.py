@@ -63,6 +63,7 @@ def add_train_tokenizer(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--r1-gamma", type=float, default=None, help="lazy R1 penalty γ (0: off)")
     g.add_argument("--r1-interval", type=int, default=None)
     g.add_argument("--disc-lr", type=float, default=None)
+    g.add_argument("--disc-channels", type=int, default=None, help="discriminator width (default 64)")
     g.add_argument("--betas", type=float, nargs=2, default=None, metavar=("B1", "B2"),
                    help="Adam betas (ViT-VQGAN 0.9 0.99, VQGAN 0.5 0.9)")  # fmt: skip
     g.add_argument("--perceptual-weight", type=float, default=None,
@@ -97,7 +98,7 @@ def cmd_train_tokenizer(a: argparse.Namespace) -> None:
     given = {
         "lr": a.lr, "disc": a.disc, "disc_start": a.disc_start, "adv_weight": a.adv_weight,
         "adaptive_weight": a.adaptive_weight, "r1_gamma": a.r1_gamma, "r1_interval": a.r1_interval,
-        "disc_lr": a.disc_lr, "betas": tuple(a.betas) if a.betas else None, "perceptual_weight": a.perceptual_weight,
+        "disc_lr": a.disc_lr, "disc_channels": a.disc_channels, "betas": tuple(a.betas) if a.betas else None, "perceptual_weight": a.perceptual_weight,
     }  # fmt: skip
     cfg = TokenizerTrainConfig.for_preset(
         a.preset, out=a.out, data=a.data, model=model_overrides(a), steps=a.steps,

@@ -82,6 +82,8 @@ class TokenizerTrainConfig:
             layer; None = on for patchgan, off for stylegan.
         r1_gamma, r1_interval: lazy R1 penalty γ/2·‖∇D(x)‖² every r1_interval steps (0 disables).
         disc_lr: discriminator learning rate (None: lr).
+        disc_channels: discriminator width at the input resolution (64 in StyleGAN2 and taming's PatchGAN;
+            smaller widths make small-image runs on a CPU practical).
         perceptual_weight: weight of the LPIPS term (ViT-VQGAN: 0.1; 0 for tokenizers used in linear probes).
         vgg_weights, lpips_weights: weight files for LPIPS (see vqim.perceptual).
         max_nonfinite: stop after this many consecutive steps with a non-finite loss.
@@ -117,6 +119,7 @@ class TokenizerTrainConfig:
     r1_gamma: float = 0.0
     r1_interval: int = 16
     disc_lr: float | None = None
+    disc_channels: int = 64
     perceptual_weight: float = 0.0
     vgg_weights: str | None = None
     lpips_weights: str | None = None
@@ -157,10 +160,10 @@ def build_gan(cfg: TokenizerTrainConfig, image_size: int):
     from vqim.discriminator import PatchGANDiscriminator, StyleGANDiscriminator
 
     if cfg.disc == "stylegan":
-        disc = StyleGANDiscriminator(image_size)
+        disc = StyleGANDiscriminator(image_size, channels=cfg.disc_channels)
         fns = {"g": non_saturating_g_loss, "d": non_saturating_d_loss}
     elif cfg.disc == "patchgan":
-        disc = PatchGANDiscriminator()
+        disc = PatchGANDiscriminator(channels=cfg.disc_channels)
         fns = {"g": hinge_g_loss, "d": hinge_d_loss}
     else:
         raise ValueError(f"--disc must be none, stylegan or patchgan, got {cfg.disc!r}")
