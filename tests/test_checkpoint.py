@@ -1,0 +1,33 @@
+"""Atomic writes: all or nothing, with ordinary file permissions."""
+
+from __future__ import annotations
+
+import stat
+
+import pytest
+
+from vqim.checkpoint import atomic_write, read_json, write_json
+
+
+def test_written_file_has_umask_permissions_not_owner_only(tmp_path, monkeypatch):
+    import vqim.checkpoint as ck
+
+    assert ck._UMASK == ck._read_umask()
+    monkeypatch.setattr(ck, "_UMASK", 0o022)
+    write_json(tmp_path / "a.json", {"x": 1})
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644  # as open() makes it, not 0o600
+    assert read_json(tmp_path / "a.json") == {"x": 1}
+
+
+def test_failed_write_leaves_old_file_and_no_temporary(tmp_path):
+    write_json(tmp_path / "a.json", {"x": 1})
+
+    def boom(tmp):
+        with open(tmp, "w") as f:
+            f.write("half")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(tmp_path / "a.json", boom)
+    assert read_json(tmp_path / "a.json") == {"x": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
