@@ -131,23 +131,32 @@ def test_prefill_of_several_tokens_after_cached_ones_matches_forward():
     torch.testing.assert_close(torch.cat([a, b, c], dim=1), full, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("pack", [False, True])
-def test_decoder_steps_match_uncached_forward(pack):
-    """The flat decode step of `generate` (optionally with MKL-packed weights) computes Prior.forward's logits."""
+@pytest.mark.parametrize(("rows", "pack", "split"), [(3, False, False), (3, True, False), (3, False, True),
+                                                   (1, False, True), (1, False, False)])  # fmt: skip
+def test_decoder_steps_match_uncached_forward(rows, pack, split):
+    """The flat decode step of `generate` (plain, MKL-packed, or as batched products over row blocks of the
+    weights) computes Prior.forward's logits."""
     torch.manual_seed(16)
     prior = tiny(5).eval()
-    tokens, labels = random_tokens(3, seed=16), torch.tensor([0, 4, 5])
+    tokens, labels = random_tokens(3, seed=16)[:rows], torch.tensor([0, 4, 5])[:rows]
     with torch.no_grad():
         full = prior(tokens, labels).logits
-        dec = Decoder(prior, rows=3, max_len=12, pack=pack)
+        dec = Decoder(prior, rows=rows, max_len=12, pack=pack, split=split)
+        assert dec.split == split
         pos = prior.position_table()
-        x = prior.embed_condition(labels, 3)[:, 0]
+        x = prior.embed_condition(labels, rows)[:, 0]
         steps = []
         for i in range(12):
             steps.append(dec.step(x))
             x = prior.tok_embed(tokens[:, i]) + pos[i]
     assert dec.length == 12
     torch.testing.assert_close(torch.stack(steps, dim=1), full, rtol=0, atol=1e-5)
+
+
+def test_cpu_decoding_uses_split_products_by_default():
+    prior = tiny(5).eval()
+    assert Decoder(prior, rows=1, max_len=4).split and Decoder(prior, rows=8, max_len=4).split
+    assert not Decoder(prior, rows=2, max_len=4, pack=True).split
 
 
 def test_kv_cache_overflow_and_reset():
@@ -474,3 +483,14 @@ def test_forward_with_cache_equals_uncached_forward():
     assert torch.equal(cached.argmax(-1), full.argmax(-1))
     with pytest.raises(ValueError, match="exceed the sequence length"):
         prior(tokens[:, :1], cache=cache)
+
+
+def test_split_products_fall_back_for_odd_widths():
+    from vqim.sampling import _linear_fn, _split_count
+
+    assert (_split_count(8192), _split_count(24), _split_count(6), _split_count(37)) == (16, 8, 2, 0)
+    layer = torch.nn.Linear(8, 37)
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(_linear_fn(layer, 2, pack=False, split=True)(x), layer(x))
+    layer = torch.nn.Linear(8, 24, bias=False)
+    torch.testing.assert_close(_linear_fn(layer, 2, pack=False, split=True)(x), layer(x))
