@@ -99,13 +99,13 @@ def evaluate_tokenizer(
             incep.update(x, rec)
         all_ids.append(q.ids.detach().cpu().to(torch.int32))
         n += b
-    ids = torch.cat(all_ids) if all_ids else torch.zeros(0, *tok.config.grid_size, dtype=torch.int32)
+    ids = torch.cat(all_ids) if all_ids else torch.zeros(0, dtype=torch.int32)
     if world > 1:
         keys = sorted(sums)
         t = torch.tensor([sums[k] for k in keys] + [float(n)], dtype=torch.float64)
         t = _all_reduce_sum(t)
         sums, n = dict(zip(keys, t[:-1].tolist())), int(t[-1])
-        ids = torch.cat(_all_gather_objects(ids))
+        ids = torch.cat([part for part in _all_gather_objects(ids) if part.numel()] or [ids])
         skipped = [f for part in _all_gather_objects(skipped) for f in part]
         if incep is not None:
             for fs in (incep.real, incep.fake):
