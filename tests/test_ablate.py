@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -79,6 +80,9 @@ def test_study_runs_resumes_and_writes_table(tmp_path, monkeypatch):
     assert calls == [str(out / "variants" / "dim8")]
     assert res2["dim8"]["resumed_from"].endswith("step-0000004")
     assert res2["default"] == res["default"]
+    # The same folder with other settings is refused rather than mixing runs in one table.
+    with pytest.raises(ValueError, match="other settings"):
+        run_ablation(dataclasses.replace(cfg, steps=5), grid)
 
 
 def test_unknown_variant_is_rejected(tmp_path):
@@ -122,6 +126,10 @@ def test_presets_train_with_their_papers_recipe():
     tiny = TokenizerTrainConfig.for_preset("vit-vqgan-tiny", out="x")
     assert tiny.disc == "none" and tiny.perceptual_weight == 0.0
     assert train_recipe("no-such-preset") == {}
+    # None means "not given"; another discriminator drops the recipe's GAN settings (here StyleGAN's R1).
+    assert TokenizerTrainConfig.for_preset("vit-vqgan-ss", out="x", lr=None).lr == 1e-4
+    swapped = TokenizerTrainConfig.for_preset("vit-vqgan-ss", out="x", disc="patchgan")
+    assert (swapped.r1_gamma, swapped.adaptive_weight, swapped.perceptual_weight) == (0.0, None, 0.1)
 
 
 def test_paper_preset_without_vgg_weights_says_how_to_proceed(tmp_path, monkeypatch, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 
 import pytest
@@ -9,14 +10,20 @@ import pytest
 from vqim.checkpoint import atomic_write, read_json, write_json
 
 
-def test_written_file_has_umask_permissions_not_owner_only(tmp_path, monkeypatch):
-    import vqim.checkpoint as ck
-
-    assert ck._UMASK == ck._read_umask()
-    monkeypatch.setattr(ck, "_UMASK", 0o022)
-    write_json(tmp_path / "a.json", {"x": 1})
-    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644  # as open() makes it, not 0o600
+def test_written_file_has_umask_permissions_not_owner_only(tmp_path):
+    old = os.umask(0o027)
+    try:
+        write_json(tmp_path / "a.json", {"x": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o640  # as open() makes it, not 0o600
     assert read_json(tmp_path / "a.json") == {"x": 1}
+    # Replacing a file keeps its permissions.
+    os.chmod(tmp_path / "a.json", 0o604)
+    write_json(tmp_path / "a.json", {"x": 2})
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o604 and read_json(tmp_path / "a.json") == {
+        "x": 2
+    }
 
 
 def test_failed_write_leaves_old_file_and_no_temporary(tmp_path):

@@ -103,6 +103,17 @@ def test_weight_files_are_never_unpickled(tmp_path):
         load_inception(wrong)
 
 
+def test_incomplete_weights_are_a_clear_error(tmp_path, inception_file):
+    from safetensors.torch import load_file
+
+    state = load_file(str(inception_file))
+    state.pop("Conv2d_1a_3x3.conv.weight")
+    partial = tmp_path / "partial.safetensors"
+    save_file(state, str(partial))
+    with pytest.raises(ValueError, match="does not match"):
+        load_inception(partial)
+
+
 def _tiny_tokenizer(tmp_path):
     from vqim import Tokenizer
 

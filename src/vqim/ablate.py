@@ -162,10 +162,25 @@ def run_variant(cfg: AblationConfig, v: Variant) -> dict[str, Any]:
 
     vdir = Path(cfg.out) / "variants" / v.name
     done = vdir / "eval.json"
+    tcfg = _train_config(cfg, v, vdir)
+    # What decides the variant's result; a resumed or skipped variant must have been run with the same.
+    settings = _jsonable(
+        {
+            k: x
+            for k, x in dataclasses.asdict(tcfg).items()
+            if k not in ("out", "progress", "num_workers", "resume")
+        }
+    )
+    settings_file = vdir / "variant_settings.json"
+    if settings_file.is_file() and read_json(settings_file) != settings:
+        raise ValueError(
+            f"{vdir} was trained with other settings than this study's ({settings_file}); use a new --out, or "
+            "delete that variant's folder to retrain it"
+        )
     if done.is_file():
         log.info("ablation: %s already evaluated, skipping", v.name)
         return read_json(done)
-    tcfg = _train_config(cfg, v, vdir)
+    write_json(settings_file, settings)
     log.info("ablation: training %s (%s)", v.name, v.label)
     summary = train_tokenizer(tcfg)
 
@@ -187,6 +202,7 @@ def run_variant(cfg: AblationConfig, v: Variant) -> dict[str, Any]:
             k: list(x) if isinstance(x, tuple) else x for k, x in {**cfg.base_model, **v.model}.items()
         },
         "train": dict(v.train),
+        "lookup_dim": tok.config.lookup_dim,
         "params": sum(p.numel() for p in tok.parameters()),
         "train_seconds": summary["seconds"],
         "steps": summary["steps"],
@@ -198,6 +214,22 @@ def run_variant(cfg: AblationConfig, v: Variant) -> dict[str, Any]:
     }
     write_json(done, result)
     return result
+
+
+def _jsonable(obj: Any) -> Any:
+    """Tuples to lists, recursively, so settings compare equal to their JSON round trip."""
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def _dim_of(name: str, r: dict[str, Any]) -> int | None:
+    """Lookup dim of a lookup-dim row (the default row and dimN rows), None for other rows."""
+    if name != "default" and not (name.startswith("dim") and name[3:].isdigit()):
+        return None
+    return int(r.get("lookup_dim", DEFAULT_LOOKUP_DIM if name == "default" else int(name[3:])))
 
 
 def _fmt(x: float | None, spec: str) -> str:
@@ -212,18 +244,15 @@ def directions(results: dict[str, dict[str, Any]]) -> list[tuple[str, bool | Non
         return None if r is None else r["metrics"]["usage"]
 
     checks: list[tuple[str, bool | None, str]] = []
-    dims = sorted(
-        [(DEFAULT_LOOKUP_DIM, usage("default"))]
-        + [(int(n[3:]), usage(n)) for n in results if n.startswith("dim") and n[3:].isdigit()]
-    )
-    dims = [(d, u) for d, u in dims if u is not None]
-    big = [(d, u) for d, u in dims if d >= DEFAULT_LOOKUP_DIM]
+    dims = sorted((d, r["metrics"]["usage"]) for n, r in results.items() if (d := _dim_of(n, r)) is not None)
+    base = _dim_of("default", results["default"]) if "default" in results else DEFAULT_LOOKUP_DIM
+    big = [(d, u) for d, u in dims if d >= base]
     if len(big) >= 2:
         falls = all(b[1] <= a[1] for a, b in zip(big, big[1:]))
         ev = ", ".join(f"dim {d}: {100 * u:.1f}%" for d, u in big)
-        checks.append(("usage falls as the lookup dim grows beyond 32", falls, ev))
+        checks.append((f"usage falls as the lookup dim grows beyond {base}", falls, ev))
     else:
-        checks.append(("usage falls as the lookup dim grows beyond 32", None, "not run"))
+        checks.append((f"usage falls as the lookup dim grows beyond {base}", None, "not run"))
     d, n = usage("default"), usage("no-l2")
     if d is not None and n is not None:
         checks.append(
@@ -260,11 +289,12 @@ def markdown_table(results: dict[str, dict[str, Any]], order: Sequence[str], com
         if r is None:
             continue
         m = r["metrics"]
-        pu = r["paper_usage"]
+        pu = r.get("paper_usage")
+        u256 = m.get(key256) if key256 else None
         lines.append(
-            f"| {r['label']} | {_fmt(r['paper_rfid'], '.2f')} | {'–' if pu is None else f'{100 * pu:.0f}%'} | "
+            f"| {r['label']} | {_fmt(r.get('paper_rfid'), '.2f')} | {'–' if pu is None else f'{100 * pu:.0f}%'} | "
             f"{m['psnr']:.2f} | {m['ssim']:.3f} | {_fmt(m.get('lpips'), '.3f')} | {_fmt(m.get('rfid'), '.2f')} | "
-            f"{100 * m['usage']:.1f}% | {_fmt(100 * m[key256] if m.get(key256) is not None else None, '.1f')}% | "
+            f"{100 * m['usage']:.1f}% | {'–' if u256 is None else f'{100 * u256:.1f}%'} | "
             f"{m['codes_used']} / {m['codebook_size']} | {r['params'] / 1e6:.2f}M |"
         )
     lines.append("")
@@ -285,13 +315,7 @@ def plots(results: dict[str, dict[str, Any]], order: Sequence[str], out: Path) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = []
-    for name, r in results.items():
-        if name == "default":
-            pts.append((DEFAULT_LOOKUP_DIM, r))
-        elif name.startswith("dim") and name[3:].isdigit():
-            pts.append((int(name[3:]), r))
-    pts.sort(key=lambda t: t[0])
+    pts = sorted(((d, r) for n, r in results.items() if (d := _dim_of(n, r)) is not None), key=lambda t: t[0])
     if pts:
         fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
         ax.plot(

@@ -21,12 +21,30 @@ WEIGHTS_NAME = "model.safetensors"
 
 
 def _read_umask() -> int:
+    """The process umask: from /proc where there is one (no side effects), else by setting and restoring it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
-_UMASK = _read_umask()  # read once at import: os.umask is process-wide, so not while other threads write
+_UMASK = _read_umask()  # fallback where /proc is missing: read once at import, before other threads write
+
+
+def _file_mode(path: Path) -> int:
+    """An existing file's permissions, else what open() would give a new file."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        pass
+    mask = _read_umask() if os.path.exists("/proc/self/status") else _UMASK
+    return 0o666 & ~mask
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -39,8 +57,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        # mkstemp creates the file owner-only; give it the permissions an ordinary open() would (umask).
-        os.chmod(tmp, 0o666 & ~_UMASK)
+        # mkstemp creates the file owner-only; give it the permissions of the file it replaces, or those an
+        # ordinary open() would (umask). Some network file systems refuse chmod: the write still counts.
+        try:
+            os.chmod(tmp, _file_mode(path))
+        except OSError:
+            pass
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -217,14 +217,14 @@ def cmd_eval_tokenizer(a: argparse.Namespace) -> None:
     from vqim.data import build_dataset
     from vqim.evaluate import evaluate_tokenizer, optional_metric_models, usage_histogram_png
 
-    main_process = True
+    main_process, distributed = True, False
     device = _device(a.device)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Under `accelerate launch` / torchrun: every process evaluates a share; results are combined.
         from accelerate import PartialState
 
         state = PartialState()
-        main_process, device = state.is_main_process, str(state.device)
+        main_process, device, distributed = state.is_main_process, str(state.device), state.num_processes > 1
     tok = _load_tokenizer(a.tokenizer, device)
     ds = build_dataset(a.data, a.image_size or tok.config.image_size, train=False)
     try:
@@ -235,7 +235,7 @@ def cmd_eval_tokenizer(a: argparse.Namespace) -> None:
         raise SystemExit(f"error: {e}") from None
     res, counts = evaluate_tokenizer(
         tok, ds, a.batch_size, a.num_workers, device, progress=not a.no_progress and main_process,
-        return_counts=True, lpips_model=lp, inception=inc,
+        return_counts=True, lpips_model=lp, inception=inc, distributed=distributed,
     )  # fmt: skip
     if notes:
         res["not_measured"] = notes

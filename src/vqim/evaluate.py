@@ -28,6 +28,7 @@ def evaluate_tokenizer(
     return_counts: bool = False,
     lpips_model: torch.nn.Module | None = None,
     inception: torch.nn.Module | None = None,
+    distributed: bool = False,
 ) -> dict[str, Any] | tuple[dict[str, Any], torch.Tensor]:
     """Mean per-image PSNR, SSIM, L1, L2 (and logit-Laplace NLL) plus code usage over the dataset.
 
@@ -45,19 +46,31 @@ def evaluate_tokenizer(
         return_counts: also return the code histogram over the whole set, (K,) float64 (for plots).
         lpips_model: a `vqim.perceptual.LPIPS` (None: no LPIPS).
         inception: a network from `vqim.fid.load_inception` (None: no rFID / IS).
+        distributed: split the set across the processes of the initialised torch.distributed group (e.g. under
+            `accelerate launch`); every process must then call this, with the same optional networks.
 
-    Under torch.distributed (e.g. `accelerate launch`), each process evaluates a contiguous share of the set and
-    the results are combined across processes before anything is computed from them: sums and feature
-    statistics are all-reduced, and the code ids and Inception logits are gathered in dataset order, so usage
-    (also per 256 images) and IS equal a one-process run's. Every process returns the same result.
+    Distributed, each process evaluates a contiguous share of the set and the results are combined before
+    anything is computed from them: sums and feature statistics are all-reduced, and the code ids and Inception
+    logits are gathered in dataset order, so usage (also per 256 images) and IS equal a one-process run's.
+    Every process returns the same result.
     """
     from tqdm.auto import tqdm
 
     from vqim.data import collate
 
-    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
-    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist else (0, 1)
+    if distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise ValueError("distributed=True needs an initialised torch.distributed process group")
+    rank, world = (
+        (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
+    )
     if world > 1:
+        # Every process must run the same collectives below: the same optional metrics everywhere.
+        mine = (lpips_model is not None, inception is not None)
+        if len(set(_all_gather_objects(mine))) > 1:
+            raise ValueError(
+                "processes disagree on which of LPIPS / Inception metrics to compute (weights found on some "
+                "nodes only?); pass the weight paths explicitly or turn the metric off"
+            )
         from torch.utils.data import Subset
 
         share = -(-len(dataset) // world)
@@ -103,14 +116,14 @@ def evaluate_tokenizer(
     if world > 1:
         keys = sorted(sums)
         t = torch.tensor([sums[k] for k in keys] + [float(n)], dtype=torch.float64)
-        t = _all_reduce_sum(t)
+        t = _all_reduce_sum(t, device)
         sums, n = dict(zip(keys, t[:-1].tolist())), int(t[-1])
         ids = torch.cat([part for part in _all_gather_objects(ids) if part.numel()] or [ids])
         skipped = [f for part in _all_gather_objects(skipped) for f in part]
         if incep is not None:
             for fs in (incep.real, incep.fake):
-                fs.n = int(_all_reduce_sum(torch.tensor([float(fs.n)], dtype=torch.float64))[0])
-                fs.sum, fs.outer = _all_reduce_sum(fs.sum), _all_reduce_sum(fs.outer)
+                fs.n = int(_all_reduce_sum(torch.tensor([float(fs.n)], dtype=torch.float64), device)[0])
+                fs.sum, fs.outer = _all_reduce_sum(fs.sum, device), _all_reduce_sum(fs.outer, device)
             incep.logits = [
                 torch.cat(incep.logits) if incep.logits else torch.zeros(0, 1008, dtype=torch.float64)
             ]
@@ -138,10 +151,9 @@ def evaluate_tokenizer(
     return (result, stats.counts) if return_counts else result
 
 
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over processes (on the CPU: gloo; a copy on the default CUDA device under nccl)."""
-    backend = torch.distributed.get_backend()
-    dev = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+def _all_reduce_sum(t: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+    """Sum over processes: on the CPU under gloo, on the evaluation device otherwise (nccl: CUDA only)."""
+    dev = torch.device("cpu") if torch.distributed.get_backend() == "gloo" else torch.device(device)
     x = t.to(dev).clone()
     torch.distributed.all_reduce(x)
     return x.cpu()

@@ -63,16 +63,23 @@ def load_inception(
             f"--inception-weights PATH (or put it at {default_inception_path()}); or leave rFID/IS out with --fid off."
         )
     state = _read_state(p)
-    if "fc.weight" not in state or "Mixed_7c.branch_pool.conv.weight" not in state:
+    if (
+        not isinstance(state, dict)
+        or not all(isinstance(v, torch.Tensor) for v in state.values())
+        or "fc.weight" not in state
+        or "Mixed_7c.branch_pool.conv.weight" not in state
+    ):
         raise ValueError(
-            f"{p} does not hold torch-fidelity's InceptionV3 weights (keys such as fc.weight are missing)"
+            f"{p} does not hold torch-fidelity's InceptionV3 weights (a dict of tensors with fc.weight …)"
         )
     with tempfile.TemporaryDirectory(prefix="vqim-inception-") as tmp:
         clean = Path(tmp) / "inception.pth"
-        torch.save(
-            {k: v.contiguous() for k, v in state.items()}, clean
-        )  # tensors we validated, written by us
-        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"], str(clean))
+        # Only tensors we validated, in a file we wrote: torch-fidelity reads it with full unpickling.
+        torch.save({k: v.contiguous() for k, v in state.items()}, clean)
+        try:
+            net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"], str(clean))
+        except RuntimeError as e:  # missing / unexpected keys or wrong shapes
+            raise ValueError(f"{p} does not match torch-fidelity's InceptionV3: {e}") from None
     return net.to(device).eval().requires_grad_(False)
 
 
@@ -113,7 +120,7 @@ class InceptionMetrics:
         self.logits.append(logits.double().cpu())
 
     def compute(self) -> dict[str, float]:
-        """{"rfid", "inception_score", "inception_score_std"} by torch-fidelity's formulas."""
+        """{"rfid", "inception_score", "inception_score_std", "inception_score_splits"}, torch-fidelity's formulas."""
         from torch_fidelity.metric_fid import fid_statistics_to_metric
         from torch_fidelity.metric_isc import isc_features_to_metric
 
@@ -123,12 +130,15 @@ class InceptionMetrics:
             stats.append({"mu": mu.numpy(), "sigma": cov.numpy()})
         fid = fid_statistics_to_metric(stats[0], stats[1], verbose=False)["frechet_inception_distance"]
         logits = torch.cat(self.logits)
-        # Fewer images than splits would leave empty splits: use at most one split per image.
-        isc = isc_features_to_metric(logits, splits=max(1, min(self.is_splits, logits.shape[0])))
+        # Fewer images than splits would leave empty splits: use at most one split per image, and say so (a
+        # split of one image scores exactly 1).
+        splits = max(1, min(self.is_splits, logits.shape[0]))
+        isc = isc_features_to_metric(logits, splits=splits)
         return {
             "rfid": float(fid),
             "inception_score": float(isc["inception_score_mean"]),
             "inception_score_std": float(isc["inception_score_std"]),
+            "inception_score_splits": splits,
         }
 
 

@@ -127,7 +127,7 @@ def _linear_fn(
         # On CPU a one-row F.linear is a single-threaded GEMV that streams the weight at one core's bandwidth;
         # the same product as a batch of n_split (out/n_split × in) · (in × rows) GEMMs runs on every thread
         # (benchmarks/sampling_speed.py). Same sums, different rounding order.
-        ws = w.view(n_split, -1, w.shape[1])
+        ws = w.contiguous().view(n_split, -1, w.shape[1])
         bs = None if b is None else b.view(n_split, -1, 1)
 
         def split_linear(x: torch.Tensor) -> torch.Tensor:

@@ -129,11 +129,18 @@ class TokenizerTrainConfig:
     def for_preset(cls, preset: str, **settings: Any) -> TokenizerTrainConfig:
         """Settings with the preset's paper recipe (vqim.config.TRAIN_RECIPES) for everything not given.
 
-        A recipe's `lr_per_image` (taming's convention) becomes lr = lr_per_image × batch_size.
+        A recipe's `lr_per_image` (taming's convention) becomes lr = lr_per_image × batch_size. Settings given as
+        None are ignored. Choosing another discriminator than the recipe's drops the recipe's GAN settings (weight,
+        adaptive weight, start step, R1) back to the defaults of the chosen one.
         """
         from vqim.config import train_recipe
 
+        settings = {k: v for k, v in settings.items() if v is not None}
         recipe = train_recipe(preset)
+        if "disc" in settings and settings["disc"] != recipe.get("disc"):
+            # Another discriminator than the paper's: its GAN settings go back to the defaults of that choice.
+            for k in ("adv_weight", "adaptive_weight", "disc_start", "r1_gamma", "r1_interval"):
+                recipe.pop(k, None)
         per_image = recipe.pop("lr_per_image", None)
         if per_image is not None and "lr" not in settings:
             recipe["lr"] = per_image * settings.get("batch_size", cls.batch_size)
@@ -245,6 +252,11 @@ def train_tokenizer(
         preview_set = dataset
 
     disc, d_opt, gan = build_gan(cfg, tcfg.image_size)
+    if disc is not None and cfg.disc_start >= cfg.steps and rank == 0:
+        log.warning(
+            "the discriminator starts at step %d but the run ends at step %d: it will never train "
+            "(set --disc-start, or --disc none)", cfg.disc_start, cfg.steps,
+        )  # fmt: skip
     lpips_model = None
     if cfg.perceptual_weight > 0:
         from vqim.perceptual import LPIPS
