@@ -221,10 +221,13 @@ def cmd_eval_tokenizer(a: argparse.Namespace) -> None:
     device = _device(a.device)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Under `accelerate launch` / torchrun: every process evaluates a share; results are combined.
+        # Without a GPU, cpu=True makes Accelerate join the launch as a gloo group (as the trainers do).
+        import torch
         from accelerate import PartialState
 
-        state = PartialState()
-        main_process, device, distributed = state.is_main_process, str(state.device), state.num_processes > 1
+        state = PartialState(cpu=not torch.cuda.is_available())
+        main_process, distributed = state.is_main_process, state.num_processes > 1
+        device = "cpu" if state.device.type == "cpu" else str(state.device)  # safetensors rejects "cpu:0"
     tok = _load_tokenizer(a.tokenizer, device)
     ds = build_dataset(a.data, a.image_size or tok.config.image_size, train=False)
     try:
