@@ -38,3 +38,13 @@ def test_failed_write_leaves_old_file_and_no_temporary(tmp_path):
         atomic_write(tmp_path / "a.json", boom)
     assert read_json(tmp_path / "a.json") == {"x": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_load_tensors_accepts_an_indexed_cpu_device(tmp_path):
+    import torch
+
+    from vqim.checkpoint import load_tensors, save_tensors
+
+    save_tensors(tmp_path / "w.safetensors", {"a": torch.arange(3.0)})
+    out = load_tensors(tmp_path / "w.safetensors", torch.device("cpu", 0))  # Accelerate's CPU device
+    assert torch.equal(out["a"], torch.arange(3.0))

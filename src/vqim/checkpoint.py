@@ -20,8 +20,8 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
-def _read_umask() -> int:
-    """The process umask: from /proc where there is one (no side effects), else by setting and restoring it."""
+def _proc_umask() -> int | None:
+    """The process umask from /proc (no side effects), or None where there is no /proc."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -29,8 +29,15 @@ def _read_umask() -> int:
                     return int(line.split()[1], 8)
     except OSError:
         pass
-    mask = os.umask(0)
-    os.umask(mask)
+    return None
+
+
+def _read_umask() -> int:
+    """The process umask: from /proc, else by setting and restoring it."""
+    mask = _proc_umask()
+    if mask is None:
+        mask = os.umask(0)
+        os.umask(mask)
     return mask
 
 
@@ -42,9 +49,8 @@ def _file_mode(path: Path) -> int:
     try:
         return path.stat().st_mode & 0o7777
     except FileNotFoundError:
-        pass
-    mask = _read_umask() if os.path.exists("/proc/self/status") else _UMASK
-    return 0o666 & ~mask
+        mask = _proc_umask()
+        return 0o666 & ~(_UMASK if mask is None else mask)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -104,7 +110,9 @@ def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
-    return load_file(str(path), device=str(device))
+    dev = torch.device(device)
+    # safetensors accepts "cpu" but not "cpu:0" (what torch.device("cpu", 0) and Accelerate's CPU state print).
+    return load_file(str(path), device="cpu" if dev.type == "cpu" else str(dev))
 
 
 def save_model_dir(

@@ -226,8 +226,7 @@ def cmd_eval_tokenizer(a: argparse.Namespace) -> None:
         from accelerate import PartialState
 
         state = PartialState(cpu=not torch.cuda.is_available())
-        main_process, distributed = state.is_main_process, state.num_processes > 1
-        device = "cpu" if state.device.type == "cpu" else str(state.device)  # safetensors rejects "cpu:0"
+        main_process, device, distributed = state.is_main_process, str(state.device), state.num_processes > 1
     tok = _load_tokenizer(a.tokenizer, device)
     ds = build_dataset(a.data, a.image_size or tok.config.image_size, train=False)
     try:
@@ -305,6 +304,10 @@ def add_metric_weight_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("perceptual and Inception metrics (auto: measured when the weights are found)")
     g.add_argument("--lpips", choices=["auto", "on", "off"], default="auto", help="LPIPS distance")
     g.add_argument("--fid", choices=["auto", "on", "off"], default="auto", help="rFID and Inception Score")
+    add_weight_paths(g)
+
+
+def add_weight_paths(g: argparse._ActionsContainer) -> None:
     g.add_argument("--vgg-weights", default=None, help="VGG16 weights for LPIPS (default: torch hub cache)")
     g.add_argument("--lpips-weights", default=None, help="LPIPS linear heads (default: the lpips package's)")
     g.add_argument("--inception-weights", default=None,
@@ -355,9 +358,7 @@ def add_ablate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--vgg-weights", default=None)
-    p.add_argument("--lpips-weights", default=None)
-    p.add_argument("--inception-weights", default=None)
+    add_weight_paths(p)
     p.set_defaults(func=cmd_ablate)
 
 

@@ -272,13 +272,18 @@ def get_tokenizer_config(name: str, **overrides: Any) -> TokenizerConfig:
         name: one of `tokenizer_presets()`.
         **overrides: TokenizerConfig fields to replace.
     """
-    if name not in TOKENIZER_PRESETS:
-        raise ValueError(f"unknown tokenizer preset {name!r}; choose one of {tokenizer_presets()}")
-    cfg = TOKENIZER_PRESETS[name]()
-    known = {f.name for f in dataclasses.fields(TokenizerConfig)}
+    return _from_preset("tokenizer", TOKENIZER_PRESETS, name, overrides)
+
+
+def _from_preset(kind: str, presets: dict[str, Any], name: str, overrides: dict[str, Any]) -> Any:
+    """presets[name]() with fields replaced; unknown preset names and fields are ValueErrors naming the choices."""
+    if name not in presets:
+        raise ValueError(f"unknown {kind} preset {name!r}; choose one of {sorted(presets)}")
+    cfg = presets[name]()
+    known = {f.name for f in dataclasses.fields(cfg)}
     bad = sorted(set(overrides) - known)
     if bad:
-        raise ValueError(f"unknown tokenizer config fields {bad}; known fields: {sorted(known)}")
+        raise ValueError(f"unknown {kind} config fields {bad}; known fields: {sorted(known)}")
     return dataclasses.replace(cfg, **overrides)
 
 
@@ -397,16 +402,10 @@ def get_prior_config(
         num_classes: classes of a class-conditional prior, 0 = unconditional; None keeps the preset's (0).
         **overrides: any other PriorConfig field, e.g. depth=2, dropout=0.0.
     """
-    if name not in PRIOR_PRESETS:
-        raise ValueError(f"unknown prior preset {name!r}; choose one of {prior_presets()}")
-    cfg = PRIOR_PRESETS[name]()
-    known = {f.name for f in dataclasses.fields(PriorConfig)}
-    bad = sorted(set(overrides) - known)
-    if bad:
-        raise ValueError(f"unknown prior config fields {bad}; known fields: {sorted(known)}")
     data = {"vocab_size": vocab_size, "grid_size": grid_size, "num_classes": num_classes}
-    overrides.update({k: v for k, v in data.items() if v is not None})
-    return dataclasses.replace(cfg, **overrides)
+    return _from_preset(
+        "prior", PRIOR_PRESETS, name, {**overrides, **{k: v for k, v in data.items() if v is not None}}
+    )
 
 
 __all__ = [

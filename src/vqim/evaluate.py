@@ -77,7 +77,11 @@ def evaluate_tokenizer(
         dataset = Subset(dataset, range(rank * share, min(len(dataset), (rank + 1) * share)))
     tok.eval().to(device)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+    stats = CodebookStats(tok.config.codebook_size)
+    # Distributed, the ids are kept (int16 where the codebook allows) and counted in dataset order at the end,
+    # so the chunks of 256 images are the same on any number of processes; in one process they stream.
     all_ids: list[torch.Tensor] = []
+    id_dtype = torch.int16 if tok.config.codebook_size <= 2**15 else torch.int32
     sums: dict[str, float] = {"psnr": 0.0, "ssim": 0.0, "l1": 0.0, "l2": 0.0, "logit_laplace": 0.0}
     if lpips_model is not None:
         lpips_model = lpips_model.to(device).eval()
@@ -110,15 +114,20 @@ def evaluate_tokenizer(
             sums["lpips"] += float(lpips_model(rec, x).sum())
         if incep is not None:
             incep.update(x, rec)
-        all_ids.append(q.ids.detach().cpu().to(torch.int32))
+        if world > 1:
+            all_ids.append(q.ids.detach().cpu().to(id_dtype))
+        else:
+            stats.update(q.ids)
         n += b
-    ids = torch.cat(all_ids) if all_ids else torch.zeros(0, dtype=torch.int32)
     if world > 1:
+        ids = torch.cat(all_ids) if all_ids else torch.zeros(0, dtype=id_dtype)
         keys = sorted(sums)
         t = torch.tensor([sums[k] for k in keys] + [float(n)], dtype=torch.float64)
         t = _all_reduce_sum(t, device)
         sums, n = dict(zip(keys, t[:-1].tolist())), int(t[-1])
         ids = torch.cat([part for part in _all_gather_objects(ids) if part.numel()] or [ids])
+        if ids.numel():
+            stats.update(ids.long())
         skipped = [f for part in _all_gather_objects(skipped) for f in part]
         if incep is not None:
             for fs in (incep.real, incep.fake):
@@ -130,8 +139,6 @@ def evaluate_tokenizer(
             incep.logits = _all_gather_objects(incep.logits[0])
     if n == 0:
         raise ValueError("the evaluation set holds no readable image")
-    stats = CodebookStats(tok.config.codebook_size)
-    stats.update(ids)  # in dataset order, so the chunks of 256 are the same on any number of processes
     result: dict[str, Any] = {k: v / n for k, v in sums.items()}
     if not tok.config.logit_laplace:
         result.pop("logit_laplace")

@@ -179,7 +179,7 @@ def build_gan(cfg: TokenizerTrainConfig, image_size: int):
     return disc.train(), d_opt, fns
 
 
-def discriminator_step(cfg, disc, d_opt, gan, images, fake, step, acc) -> dict[str, float]:
+def discriminator_step(cfg, disc, d_opt, gan, images, fake, step, acc) -> dict[str, torch.Tensor]:
     """One discriminator update on real images and detached reconstructions (one forward for both)."""
     d_opt.zero_grad(set_to_none=True)
     r1_now = cfg.r1_gamma > 0 and step % cfg.r1_interval == 0
@@ -187,12 +187,12 @@ def discriminator_step(cfg, disc, d_opt, gan, images, fake, step, acc) -> dict[s
     logits = disc(torch.cat([real, fake]))
     real_logits, fake_logits = logits[: len(real)], logits[len(real) :]
     d_loss = gan["d"](real_logits, fake_logits)
-    out = {"d_loss": float(d_loss.detach())}
+    out = {"d_loss": d_loss.detach()}
     if r1_now:
         # Lazy R1: applied every r1_interval steps, scaled by the interval (StyleGAN2).
         r1 = r1_penalty(real_logits, real)
         d_loss = d_loss + 0.5 * cfg.r1_gamma * cfg.r1_interval * r1
-        out["r1"] = float(r1.detach())
+        out["r1"] = r1.detach()
     acc.backward(d_loss)
     d_opt.step()
     d_opt.zero_grad(set_to_none=True)
@@ -363,11 +363,11 @@ def train_tokenizer(
         images = batch["image"].to(device, non_blocking=True)
         outp = model(images)
         loss = outp.loss
-        terms: dict[str, float] = {}
+        terms: dict[str, torch.Tensor] = {}  # detached; read (a device sync) only on logging steps
         if lpips_model is not None:
             p_loss = lpips_model(outp.reconstruction, images).mean()
             loss = loss + cfg.perceptual_weight * p_loss
-            terms["perceptual_loss"] = float(p_loss.detach())
+            terms["perceptual_loss"] = p_loss.detach()
         use_gan = disc is not None and step >= cfg.disc_start
         if use_gan:
             # Generator step: the GAN term through the discriminator (its grads are cleared before its step).
@@ -376,9 +376,9 @@ def train_tokenizer(
             if gan["adaptive"]:
                 lam = adaptive_gan_weight(loss, g_loss, raw.decoder.last_layer)
                 weight = weight * lam
-                terms["adaptive_weight"] = float(lam)
+                terms["adaptive_weight"] = lam
             loss = loss + weight * g_loss
-            terms["g_loss"] = float(g_loss.detach())
+            terms["g_loss"] = g_loss.detach()
         # Every process must agree to skip, or DDP's gradient all-reduce would hang.
         bad = acc.reduce(torch.tensor(0.0 if torch.isfinite(loss) else 1.0, device=device), "sum")
         if float(bad) > 0:
@@ -415,7 +415,7 @@ def train_tokenizer(
 
         if step % cfg.log_every == 0 or step == cfg.steps:
             now = time.perf_counter()
-            last = {**outp.scalars(), **terms}
+            last = {**outp.scalars(), **{k: float(v) for k, v in terms.items()}}
             last["psnr"] = float(psnr(outp.reconstruction.detach(), images).mean())
             last["lr"] = scheduler.get_last_lr()[0]
             last["images_per_s"] = n_last / (now - t_last)
