@@ -1,17 +1,20 @@
 """Checkpoint files: weights in safetensors, configuration in JSON, every write atomic.
 
 A file is written beside its destination under a temporary name, flushed to disk, then moved into place
-with `os.replace`, so a reader never sees half a file, even if the writer is killed.
+with `os.replace`, so a reader never sees half a file, even if the writer is killed. `PretrainedMixin` gives
+a model with a config dataclass `save_pretrained` / `from_pretrained` in that layout (`config.json` +
+`model.safetensors`) and a `fingerprint()` that identifies its weights and configuration.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -143,3 +146,67 @@ def load_model_dir(
         raise ValueError(f"{directory} holds a {found!r} checkpoint, not a {kind!r}")
     cfg = {k: v for k, v in cfg.items() if not k.startswith("vqim_")}
     return cfg, load_tensors(directory / WEIGHTS_NAME, device)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """torch.device(device), with "auto" meaning CUDA when available, else the CPU."""
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def fingerprint(config: dict[str, Any], state: dict[str, torch.Tensor]) -> str:
+    """sha256 (hex) over the config as sorted JSON and every tensor's name, dtype, shape and bytes, by name.
+
+    Two models hash equal only when they compute the same function from the same configuration: the same
+    config with other weights (a retrained tokenizer) gives another fingerprint.
+    """
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for name in sorted(state):
+        t = state[name].detach()
+        h.update(f"\0{name}\0{str(t.dtype).removeprefix('torch.')}\0{list(t.shape)}\0".encode())
+        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+M = TypeVar("M", bound="PretrainedMixin")
+
+
+class PretrainedMixin:
+    """`save_pretrained` / `from_pretrained` / `fingerprint` for an `nn.Module` built from one config dataclass.
+
+    The class sets `checkpoint_kind` (recorded as `vqim_type` in both files and checked on loading) and
+    `config_class` (with `to_dict()` and `from_dict()`); the module keeps its config in `self.config` and is
+    constructed as `cls(config)`. A loaded model remembers its folder in `pretrained_dir` (for messages).
+    """
+
+    checkpoint_kind: ClassVar[str]
+    config_class: ClassVar[type]
+    pretrained_dir: Path | None = None
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write `config.json` and `model.safetensors` into directory (atomically, file by file)."""
+        save_model_dir(directory, self.checkpoint_kind, self.config.to_dict(), self.state_dict())
+        self.pretrained_dir = Path(directory)
+
+    @classmethod
+    def from_pretrained(cls: type[M], directory: str | os.PathLike, device: str | torch.device = "cpu") -> M:
+        """Load a model written by `save_pretrained` (safetensors + JSON; nothing is unpickled), in eval mode.
+
+        Args:
+            directory: the folder holding config.json and model.safetensors.
+            device: where to put the weights ("auto": CUDA when available).
+        """
+        device = resolve_device(device)
+        cfg, state = load_model_dir(directory, cls.checkpoint_kind, device)
+        model = cls(cls.config_class.from_dict(cfg)).to(device)
+        model.load_state_dict(state)
+        model.pretrained_dir = Path(directory)
+        return model.eval()
+
+    def fingerprint(self) -> str:
+        """sha256 of the config and the weights (see `vqim.checkpoint.fingerprint`): what identifies a model.
+
+        Computed from the current weights on each call (one pass over them).
+        """
+        return fingerprint(self.config.to_dict(), self.state_dict())

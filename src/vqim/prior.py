@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vqim.checkpoint import load_model_dir, save_model_dir
+from vqim.checkpoint import PretrainedMixin
 from vqim.config import PriorConfig, get_prior_config
 from vqim.nn.transformer import KVCache, Transformer
 
@@ -47,8 +47,10 @@ class PriorOutput:
     blocks: dict[int, torch.Tensor] | None = None
 
 
-class Prior(nn.Module):
+class Prior(PretrainedMixin, nn.Module):
     """Decoder-only causal Transformer over token ids, unconditional or class-conditional.
+
+    `save_pretrained(dir)` / `Prior.from_pretrained(dir)` write and read `config.json` + `model.safetensors`.
 
     Args:
         config: a `PriorConfig`; see `Prior.from_preset` for named sizes.
@@ -59,6 +61,9 @@ class Prior(nn.Module):
         >>> loss = prior.loss(tokens, labels=torch.tensor([0, 1, 2, 3]))   # nats per token
         >>> samples = prior.generate(4, labels=3, top_k=100, seed=0)        # (4, 8, 8)
     """
+
+    checkpoint_kind = "prior"
+    config_class = PriorConfig
 
     def __init__(self, config: PriorConfig) -> None:
         super().__init__()
@@ -126,18 +131,6 @@ class Prior(nn.Module):
             **overrides: any other `PriorConfig` field, e.g. depth=2, dropout=0.0.
         """
         return cls(get_prior_config(name, vocab_size, grid_size, num_classes, **overrides))
-
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write `config.json` and `model.safetensors` into directory (atomically, file by file)."""
-        save_model_dir(directory, "prior", self.config.to_dict(), self.state_dict())
-
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> Prior:
-        """Load a prior written by `save_pretrained` (safetensors + JSON; nothing is unpickled), in eval mode."""
-        cfg, state = load_model_dir(directory, "prior", device)
-        model = cls(PriorConfig.from_dict(cfg)).to(device)
-        model.load_state_dict(state)
-        return model.eval()
 
     # ------------------------------------------------------------------ properties
     @property

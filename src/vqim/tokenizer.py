@@ -7,7 +7,6 @@ per token, a p×p×C patch: C = 6 (μ and ln b per RGB channel) for the logit-La
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqim import losses
-from vqim.checkpoint import load_model_dir, save_model_dir
+from vqim.checkpoint import PretrainedMixin
 from vqim.config import TokenizerConfig, get_tokenizer_config
 from vqim.nn import conv
 from vqim.nn.transformer import Transformer, init_weights, sincos_2d
@@ -186,8 +185,11 @@ class TokenizerOutput:
         return {k: float(v.detach()) for k, v in out.items()}
 
 
-class Tokenizer(nn.Module):
+class Tokenizer(PretrainedMixin, nn.Module):
     """Image tokenizer: `encode` images to token ids and `decode` ids back to images.
+
+    `save_pretrained(dir)` / `Tokenizer.from_pretrained(dir)` write and read `config.json` +
+    `model.safetensors`; `fingerprint()` identifies the weights and config (token manifests record it).
 
     Args:
         config: a `TokenizerConfig`; see `Tokenizer.from_preset` for named sizes.
@@ -197,6 +199,9 @@ class Tokenizer(nn.Module):
         >>> ids = tok.encode(torch.rand(2, 3, 64, 64))  # (2, 8, 8)
         >>> images = tok.decode(ids)                    # (2, 3, 64, 64) in [0, 1]
     """
+
+    checkpoint_kind = "tokenizer"
+    config_class = TokenizerConfig
 
     def __init__(self, config: TokenizerConfig) -> None:
         super().__init__()
@@ -227,18 +232,6 @@ class Tokenizer(nn.Module):
             **overrides: any `TokenizerConfig` field, e.g. image_size=128, lookup_dim=8, l2_norm=False.
         """
         return cls(get_tokenizer_config(name, **overrides))
-
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write `config.json` and `model.safetensors` into directory (atomically, file by file)."""
-        save_model_dir(directory, "tokenizer", self.config.to_dict(), self.state_dict())
-
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> Tokenizer:
-        """Load a tokenizer written by `save_pretrained` (safetensors + JSON; nothing is unpickled)."""
-        cfg, state = load_model_dir(directory, "tokenizer", device)
-        model = cls(TokenizerConfig.from_dict(cfg)).to(device)
-        model.load_state_dict(state)
-        return model.eval()
 
     # ------------------------------------------------------------------ checks
     @property
