@@ -101,7 +101,7 @@ def main() -> None:
         cfg = TokenizerTrainConfig(
             out=str(out), data="photos", preset="vit-vqgan-ss", model={**MODEL, **VARIANTS[name]}, steps=steps,
             batch_size=args.batch_size, lr=args.lr, seed=args.seed, progress=False, log_every=10,
-            image_every=10**9, ckpt_every=10**9, max_seconds=60 * args.minutes,
+            image_every=10**9, ckpt_every=10**9, max_minutes=args.minutes,
         )  # fmt: skip
         summary = train_tokenizer(cfg)
         tok = Tokenizer.from_pretrained(out)

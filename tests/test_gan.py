@@ -98,11 +98,12 @@ def test_adaptive_weight_is_the_gradient_norm_ratio():
 
 
 def test_disc_channels_sets_the_discriminator_width():
-    from vqim.train.tokenizer import TokenizerTrainConfig, build_gan
+    from vqim.train.gan import GAN
 
+    kw = {"lr": 1e-4, "betas": (0.9, 0.99), "weight": 0.1, "adaptive": None, "start": 0, "r1_gamma": 0.0}
     for kind in ("stylegan", "patchgan"):
-        narrow, _, _ = build_gan(TokenizerTrainConfig(out="", disc=kind, disc_channels=16), 64)
-        wide, _, _ = build_gan(TokenizerTrainConfig(out="", disc=kind), 64)
+        narrow = GAN.build(kind, 64, channels=16, r1_interval=16, **kw).disc
+        wide = GAN.build(kind, 64, r1_interval=16, **kw).disc
         first = next(p for p in narrow.parameters() if p.dim() == 4)
         assert first.shape[0] == 16
         assert sum(p.numel() for p in narrow.parameters()) < sum(p.numel() for p in wide.parameters()) / 4

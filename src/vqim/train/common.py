@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from vqim.train import state as st
 
@@ -30,14 +31,31 @@ def make_accelerator(mixed_precision: str = "auto"):
     )
 
 
+# Layers whose `weight` is a matrix that weight decay should shrink; every other parameter (embeddings,
+# position tables, norms, biases, the codebook) is left alone, as in GPT-2/minGPT and the papers' setups.
+_DECAYED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d)
+
+
 def param_groups(
-    model: torch.nn.Module, weight_decay: float, no_decay: Callable[[str, torch.nn.Parameter], bool]
+    model: nn.Module, weight_decay: float, no_decay: Callable[[str, nn.Parameter], bool] | None = None
 ) -> list[dict[str, Any]]:
-    """Two AdamW groups: decayed parameters, and those for which no_decay(name, p) is true."""
+    """Two AdamW groups: the weights of linear and convolution layers (decayed), and everything else.
+
+    Args:
+        model: the module to optimise.
+        weight_decay: decoupled weight decay of the first group.
+        no_decay: optional extra rule keeping named matrices out of decay.
+    """
+    decayed = {
+        id(m.weight)
+        for m in model.modules()
+        if isinstance(m, _DECAYED) and isinstance(m.weight, nn.Parameter)
+    }
     decay, keep = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (keep if p.ndim < 2 or no_decay(name, p) else decay).append(p)
+            extra = no_decay is not None and no_decay(name, p)
+            (decay if id(p) in decayed and not extra else keep).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
 
 

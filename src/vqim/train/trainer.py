@@ -1,0 +1,408 @@
+"""The training loop every vqim trainer runs: one skeleton, extended by the tokenizer and prior trainers.
+
+`Trainer.fit()` owns what is the same for every model: Accelerate (CPU, one GPU, or `accelerate launch`),
+seeding, AdamW with decoupled weight decay on weight matrices only, the lr schedule, gradient clipping,
+skipping of non-finite steps, resumable atomic checkpoints, TensorBoard scalars, the progress bar, the
+time budget and the run summary. A subclass supplies the model, the data stream and the loss (`setup`,
+`lr_lambda`, `batches`, `compute_loss`) and, where it has any, extra updates after the optimizer step and
+extra checkpoint state.
+
+The step makes no host-device synchronisation between logging steps: loss terms stay tensors until a
+logging step reads them, and a step whose gradient norm is not finite is skipped on the device (the fused
+AdamW step reads a `found_inf` flag, as under a gradient scaler), so no process has to stop and agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vqim.checkpoint import write_json
+from vqim.options import option
+from vqim.train import state as st
+from vqim.train.common import (
+    gather_names,
+    make_accelerator,
+    param_groups,
+    restore_checkpoint,
+    save_checkpoint,
+    tensorboard,
+)
+
+log = logging.getLogger(__name__)
+
+
+class TrainingStopped(RuntimeError):
+    """A run stopped before its last step for a reason the user must act on (e.g. repeated non-finite losses).
+
+    The run summary (with the last good checkpoint) is written before this is raised.
+    """
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Settings every training run shares.
+
+    Args:
+        out: output folder (weights, checkpoints, TensorBoard logs, summary).
+        steps: optimizer steps.
+        batch_size: global batch, summed over processes.
+        lr: peak learning rate.
+        warmup_steps: linear warmup steps (default: a fraction of --steps, see the trainer).
+        weight_decay: decoupled weight decay on weight matrices (never on embeddings, position tables, norms,
+            biases or the codebook).
+        betas: Adam betas.
+        grad_clip: max global gradient norm (0: no clipping).
+        seed: initialisation, shuffling and augmentation seed.
+        num_workers: DataLoader workers per process.
+        log_every: logging interval in steps (loss terms are read from the device only then).
+        ckpt_every: checkpoint interval in steps.
+        keep_checkpoints: complete checkpoints kept on disk.
+        resume: continue from the latest complete checkpoint under OUT/checkpoints (a new run if none).
+        mixed_precision: "auto" (bf16 autocast on GPU, fp32 on CPU), "no" or "bf16".
+        progress: show a progress bar.
+        max_minutes: stop (with a checkpoint) after this much training time; the lr schedule still follows
+            --steps.
+        compile: torch.compile the model with this mode (e.g. default, max-autotune-no-cudagraphs); eager if
+            not given.
+        max_nonfinite: stop after this many consecutive steps with a non-finite gradient (checked at logging
+            steps).
+    """
+
+    out: str
+    steps: int = 1000
+    batch_size: int = 16
+    lr: float = 1e-4
+    warmup_steps: int | None = None
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = option((0.9, 0.99), metavar=("B1", "B2"))
+    grad_clip: float = 1.0
+    seed: int = 0
+    num_workers: int = 2
+    log_every: int = 10
+    ckpt_every: int = 500
+    keep_checkpoints: int = 2
+    resume: bool = option(False, negatable=False)
+    mixed_precision: str = option("auto", choices=("auto", "no", "bf16"))
+    progress: bool = True
+    max_minutes: float | None = None
+    compile: str | None = option(None, metavar="MODE")
+    max_nonfinite: int = 20
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ValueError(f"--steps must be >= 0, got {self.steps}")
+        if self.batch_size <= 0:
+            raise ValueError(f"--batch-size must be positive, got {self.batch_size}")
+        for name in ("log_every", "ckpt_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+
+
+@dataclass
+class StepOutput:
+    """What `compute_loss` returns for one batch.
+
+    Attributes:
+        loss: the scalar to minimise.
+        terms: detached scalar tensors to log (read from the device only on logging steps).
+        items: samples in this process's batch (images, or sequences).
+        extra: anything the subclass's `after_update` needs (e.g. the reconstruction for a discriminator).
+    """
+
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor]
+    items: int
+    extra: Any = None
+
+
+def grad_norm_(parameters, max_norm: float, acc=None) -> torch.Tensor:
+    """Clip gradients to max_norm (0: no clipping) and return the total norm before clipping, as a tensor."""
+    params = [p for p in parameters if p.grad is not None]
+    limit = max_norm if max_norm > 0 else math.inf
+    if acc is not None:
+        norm = acc.clip_grad_norm_(params, limit)
+        if norm is not None:
+            return norm
+    return torch.nn.utils.clip_grad_norm_(params, limit)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
+    """One fused Adam(W) step that leaves weights and moments untouched where found_inf is 1.
+
+    The fused kernels read `found_inf` on the device (as GradScaler uses them), so a non-finite step is
+    skipped without the host waiting for the gradient norm.
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+    inner.found_inf = found_inf
+    try:
+        optimizer.step()
+    finally:
+        inner.found_inf = None
+
+
+def nonfinite_flag(norm: torch.Tensor) -> torch.Tensor:
+    """1.0 where the gradient norm is NaN or inf, else 0.0 (float32, on the norm's device)."""
+    return (~torch.isfinite(norm)).to(torch.float32).reshape(())
+
+
+class Trainer:
+    """One training run. Subclasses implement the hooks below; `fit()` runs the loop.
+
+    Args:
+        cfg: the run's settings (a `TrainConfig` subclass).
+    """
+
+    desc = "train"
+    rate_name = "items_per_s"
+    summary_file = "train_summary.json"
+    warmup_fraction = 0.1
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.acc = make_accelerator(cfg.mixed_precision)
+        self.rank, self.world = self.acc.process_index, self.acc.num_processes
+        self.main = self.acc.is_main_process
+        self.device = self.acc.device
+        self.out = Path(cfg.out)
+        self.ckpt_root = self.out / "checkpoints"
+        self.step = 0
+        self.resume_from: Path | None = None
+        self.skipped: set[str] = set()  # unreadable input files met so far
+        self.counters: dict[str, int] = {"nonfinite_steps": 0}
+        self.writer = None
+        # Called on every process at the end of a completed run with (unwrapped model, accelerator).
+        self.on_end: Callable[[nn.Module, Any], None] | None = None
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self) -> nn.Module:
+        """Build the data and the model (from `self.resume_from` when resuming); return the model."""
+        raise NotImplementedError
+
+    def lr_lambda(self, step: int) -> float:
+        """Multiplier of the peak lr at this step."""
+        raise NotImplementedError
+
+    def batches(self, start_step: int) -> Iterator[dict[str, Any]]:
+        """This process's batches from global step start_step on (resumable, split over processes)."""
+        raise NotImplementedError
+
+    def compute_loss(self, model: nn.Module, batch: dict[str, Any]) -> StepOutput:
+        """Forward pass and loss for one batch (model is the prepared, possibly DDP-wrapped module)."""
+        raise NotImplementedError
+
+    def prepare_extra(self) -> None:
+        """Move or prepare extra modules (discriminator, perceptual network) once the model is prepared."""
+
+    def before_loop(self) -> None:
+        """Work done once before the first step of a run or a resumed run (e.g. codebook initialisation)."""
+
+    def after_update(self, out: StepOutput, batch: dict[str, Any], found_inf: torch.Tensor) -> None:
+        """Updates after the optimizer step (discriminator step, codebook restarts); may add to out.terms."""
+
+    def log_terms(self, out: StepOutput, batch: dict[str, Any]) -> dict[str, float]:
+        """Extra values to log on a logging step (computed only then)."""
+        return {}
+
+    def periodic(self, step: int) -> None:
+        """Work after step `step` (image grids, validation); called every step."""
+
+    def extra_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Extra checkpoint content: (tensors, JSON-able metadata)."""
+        return {}, {}
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Restore what `extra_state` saved."""
+
+    def config_record(self) -> dict[str, Any]:
+        """What train_config.json records besides the settings (e.g. the model config)."""
+        return {"model": self.raw.config.to_dict()}
+
+    def summary_extra(self) -> dict[str, Any]:
+        """Extra entries of the run summary."""
+        return {}
+
+    def save_final(self) -> None:
+        """Write the final model into the output folder (main process)."""
+        self.raw.save_pretrained(self.out)
+
+    # ------------------------------------------------------------------ the loop
+    def no_decay(self, name: str, param: nn.Parameter) -> bool:
+        """Extra parameters kept out of weight decay (besides those of non-matrix layers)."""
+        return False
+
+    def _resume_point(self) -> Path | None:
+        if not self.cfg.resume:
+            return None
+        found = st.latest_checkpoint(self.ckpt_root)
+        if found is None:
+            log.info("no checkpoint under %s yet: starting a new run", self.ckpt_root)
+        return found
+
+    def fit(self) -> dict[str, Any]:
+        """Train; returns the run summary (also written to OUT/<summary_file>)."""
+        from tqdm.auto import tqdm
+
+        cfg, acc = self.cfg, self.acc
+        self.resume_from = self._resume_point()
+        torch.manual_seed(cfg.seed)  # identical initial weights on every process
+        model = self.setup()
+        self.raw = model
+        self.optimizer = torch.optim.AdamW(
+            param_groups(model, cfg.weight_decay, self.no_decay), lr=cfg.lr, betas=cfg.betas, fused=True
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_lambda)
+        meta: dict[str, Any] = {}
+        if self.resume_from is not None:
+            tensors, meta = restore_checkpoint(self.resume_from, self.rank, self.optimizer, self.scheduler)
+            self.step = int(meta["step"])
+            self.skipped = set(meta.get("skipped", []))
+            self.counters.update({k: int(v) for k, v in meta.get("counters", {}).items()})
+            self.load_extra_state(tensors, meta)
+        else:
+            torch.manual_seed(cfg.seed + 1000 * self.rank)  # per-process randomness (dropout, noise)
+
+        self.model, self.optimizer = acc.prepare(model, self.optimizer)
+        self.raw = acc.unwrap_model(self.model)
+        self.prepare_extra()
+        if cfg.compile:
+            # Compile the (possibly DDP-wrapped) module; weights and checkpoints go through self.raw.
+            self.model = torch.compile(self.model, mode=cfg.compile)
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_json(self.out / "train_config.json", {**dataclasses.asdict(cfg), **self.config_record()})
+        self.writer = tensorboard(self.out, self.main)
+        self.before_loop()
+
+        data = self.batches(self.step)
+        bar = tqdm(
+            total=cfg.steps, initial=self.step, disable=not (self.main and cfg.progress), desc=self.desc,
+            dynamic_ncols=True,
+        )  # fmt: skip
+        t0 = t_last = time.perf_counter()
+        items_since = 0
+        zero = torch.zeros((), device=self.device)
+        bad_total, bad_run = zero.clone(), zero.clone()  # non-finite steps, on the device
+        self.last: dict[str, float] = {}
+        stop_reason: str | None = None
+        start_step = self.step
+        while self.step < cfg.steps:
+            batch = next(data)
+            self.skipped.update(batch.get("skipped", ()))
+            out = self.compute_loss(self.model, batch)
+            acc.backward(out.loss)
+            found_inf = nonfinite_flag(grad_norm_(self.model.parameters(), cfg.grad_clip, acc))
+            optimizer_step(self.optimizer, found_inf)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            self.after_update(out, batch, found_inf)
+            bad_total += found_inf
+            bad_run = (bad_run + 1) * found_inf
+            self.step += 1
+            items_since += out.items * self.world
+            bar.update(1)
+
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                now = time.perf_counter()
+                self.last = {k: float(v) for k, v in out.terms.items()}
+                self.last["loss"] = float(out.loss.detach())
+                self.last.update(self.log_terms(out, batch))
+                self.last["lr"] = self.scheduler.get_last_lr()[0]
+                self.last[self.rate_name] = items_since / (now - t_last)
+                self.last["nonfinite_steps"] = float(self.counters["nonfinite_steps"] + bad_total)
+                t_last, items_since = now, 0
+                if self.writer is not None:
+                    for k, v in self.last.items():
+                        self.writer.add_scalar(f"train/{k}", v, self.step)
+                self._show(bar)
+                if float(bad_run) >= cfg.max_nonfinite:
+                    stop_reason = "nonfinite"
+            self.periodic(self.step)
+            out_of_time = False
+            if cfg.max_minutes is not None and self.step % cfg.log_every == 0:
+                # Every process must stop at the same step: the main process's clock decides.
+                late = float(time.perf_counter() - t0 > 60 * cfg.max_minutes) if self.main else 0.0
+                out_of_time = float(acc.reduce(torch.tensor(late, device=self.device), "sum")) > 0
+            if stop_reason is not None:
+                break
+            if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or out_of_time:
+                self.counters["nonfinite_steps"] += int(bad_total)
+                bad_total.zero_()
+                self.checkpoint()
+            if out_of_time:
+                log.info("time budget of %.1f min reached at step %d", cfg.max_minutes, self.step)
+                break
+        bar.close()
+        self.counters["nonfinite_steps"] += int(bad_total)
+        return self._finish(t0, start_step, stop_reason)
+
+    def _show(self, bar) -> None:
+        keys = [k for k in ("loss", "psnr", "usage", "bits_per_token") if k in self.last]
+        post = {k: f"{self.last[k]:.4g}" for k in keys}
+        post[self.rate_name] = f"{self.last[self.rate_name]:.1f}"
+        bar.set_postfix(post)
+        if not self.cfg.progress and self.main:
+            log.info(
+                "step %d/%d %s", self.step, self.cfg.steps, " ".join(f"{k} {v}" for k, v in post.items())
+            )
+
+    def checkpoint(self) -> None:
+        """Write a complete checkpoint of the run at the current step (all processes take part)."""
+        tensors, meta = self.extra_state()
+        meta = {**meta, "skipped": sorted(self.skipped), "counters": dict(self.counters)}
+        save_checkpoint(
+            self.acc, self.ckpt_root, self.step, self.raw, self.optimizer.optimizer, self.scheduler,
+            tensors, meta, self.cfg.keep_checkpoints,
+        )  # fmt: skip
+
+    def _finish(self, t0: float, start_step: int, stop_reason: str | None) -> dict[str, Any]:
+        all_skipped = gather_names(self.acc, self.skipped)
+        summary: dict[str, Any] = {
+            "steps": self.step,
+            "steps_this_run": self.step - start_step,
+            "resumed_from": str(self.resume_from) if self.resume_from else None,
+            "seconds": time.perf_counter() - t0,
+            "skipped_files": len(all_skipped),
+            "skipped": all_skipped,
+            **self.counters,
+            "last": self.last,
+            "processes": self.world,
+            "completed": stop_reason is None and self.step >= self.cfg.steps,
+            **self.summary_extra(),
+        }
+        message = None
+        if stop_reason == "nonfinite":
+            good = st.latest_checkpoint(self.ckpt_root)
+            summary["stopped"] = "non-finite gradients"
+            summary["last_good_checkpoint"] = str(good) if good else None
+            message = (
+                f"{self.cfg.max_nonfinite} or more consecutive steps had non-finite gradients (up to step "
+                f"{self.step}); training stopped. Last good checkpoint: {good or 'none'}; resume from it "
+                f"with a lower --lr (or --grad-clip)."
+            )
+        if self.main:
+            if stop_reason is None:
+                self.save_final()
+            write_json(self.out / self.summary_file, summary)
+            if self.writer is not None:
+                self.writer.close()
+            if all_skipped:
+                log.warning(
+                    "%d unreadable files were skipped: %s", len(all_skipped), ", ".join(all_skipped[:10])
+                )
+        if self.on_end is not None and stop_reason is None:
+            self.on_end(self.raw, self.acc)
+        self.acc.wait_for_everyone()
+        self.acc.end_training()
+        if message is not None:
+            raise TrainingStopped(message)
+        return summary
