@@ -7,8 +7,11 @@ label dropout, dropout as in the preset). FLOPs per token follow PaLM (Chowdhery
 
 with N the parameters used in matrix products (the Transformer blocks and the head; the embedding tables are
 lookups and are left out) and T the sequence length; the attention term counts the full T×T score matrix,
-as PaLM does, although causal attention needs only half. MFU = achieved FLOP/s ÷ the machine's matmul speed
-measured in the same run (sgemm 2048² in fp32, or bf16 with --bf16).
+as PaLM does, although causal attention needs only half. The FLOPs of one step are also counted with
+torch.utils.flop_counter over an untimed step (matrix products and attention, forward + backward), as a check
+of the formula. MFU = achieved FLOP/s ÷ the machine's matmul speed measured in the same run
+(benchmarks/machine.py: sgemm 2048² in fp32, or bf16 with --bf16, before and after the workload, the larger
+of the two), beside the share of sgemm at the model's largest product, its MLP over the batch.
 Usage:
     python benchmarks/prior_speed.py [--preset vim-small] [--batch 8] [--grid 16] [--repeats 5] [--threads 2]
 """
@@ -18,30 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 
+from machine import Limits, count_flops, stats, timed
 from vqim import Prior, prior_presets
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def matmul_gflops(device: str, dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    times = []
-    for _ in range(reps):
-        _sync(device)
-        t = time.perf_counter()
-        a @ b
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return 2 * n**3 / statistics.median(times) / 1e9
 
 
 def main() -> None:
@@ -80,22 +64,19 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
         return float(loss.detach())
 
-    for _ in range(args.warmup):
-        step()
-    times = []
-    for _ in range(args.repeats):
-        _sync(dev)
-        t = time.perf_counter()
-        step()
-        _sync(dev)
-        times.append(time.perf_counter() - t)
-    rates = [args.batch * seq / t for t in times]
-
     counts = prior.num_params()
     n_matmul = counts["transformer"] + counts["head"]
     flops_per_token = 6 * n_matmul + 12 * cfg.depth * cfg.dim * seq
-    peak = matmul_gflops(dev, torch.bfloat16 if args.bf16 else torch.float32)
-    achieved = statistics.median(rates) * flops_per_token / 1e9
+    counted = count_flops(step)  # one untimed step
+    counted_per_token = counted["total"] / (args.batch * seq)
+    shape = (args.batch * seq, cfg.dim, cfg.mlp_dim)  # the MLP's first product over the batch
+    with Limits(dev, torch.bfloat16 if args.bf16 else torch.float32, shape) as limits:
+        for _ in range(args.warmup):
+            step()
+        rates = [args.batch * seq / t for t in timed(step, args.repeats, dev)]
+    median = statistics.median(rates)
+    achieved = median * flops_per_token / 1e9
+    achieved_counted = median * counted_per_token / 1e9
     print(
         json.dumps(
             {
@@ -104,17 +85,19 @@ def main() -> None:
                 "device": dev,
                 "threads": args.threads,
                 "torch": torch.__version__,
-                "train_tokens_per_s": {
-                    "median": round(statistics.median(rates), 1),
-                    "min": round(min(rates), 1),
-                    "max": round(max(rates), 1),
-                },
+                "train_tokens_per_s": stats(rates, 1),
                 "flops_per_token": flops_per_token,
                 "flops_formula": "PaLM: 6*N + 12*depth*dim*T, N = Transformer + head parameters (no embeddings)",
+                "flops_per_token_counted": round(counted_per_token),
+                "flops_counted_by_op": counted,
                 "achieved_gflops": round(achieved, 2),
-                "matmul_peak_gflops": round(peak, 1),
-                "matmul_peak_measured_with": f"{'bf16' if args.bf16 else 'fp32'} matmul 2048x2048",
-                "mfu": round(achieved / peak, 4),
+                "achieved_gflops_counted": round(achieved_counted, 2),
+                "mfu": round(achieved / limits["sgemm_gflops"], 4),
+                "mfu_counted": round(achieved_counted / limits["sgemm_gflops"], 4),
+                "share_of_workload_shape_sgemm": round(
+                    achieved / limits["sgemm_gflops_at_workload_shape"], 4
+                ),
+                "machine": limits.report(),
             },
             indent=2,
         )

@@ -1,17 +1,23 @@
-"""Tokenizer speed: training-step and encode throughput, printed as JSON.
+"""Tokenizer speed: training-step and encode throughput, and the share of the machine's matmul speed it reaches,
+printed as JSON.
 
-Configuration (the public figures in PEER_FIGURES.md use the same): 128×128 images, patch 8 (16×16 tokens),
-width 256, 4 + 4 blocks, 4 heads, MLP 1024, 8192 codes, lookup dim 32, l2-norm; training step = forward +
-backward (L2 + VQ loss) + Adam update at batch 8; encode at batch 32; fp32 on CPU with 2 threads.
+Configuration: 128×128 images, patch 8 (16×16 tokens), width 256, 4 + 4 blocks, 4 heads, MLP 1024, 8192
+codes, lookup dim 32, l2-norm; training step = forward + backward (L2 + VQ loss) + AdamW update at batch 8;
+encode at batch 32; fp32 on CPU with 2 threads. (docs/reference-figures.md lists public implementations'
+figures at this configuration, measured elsewhere; they are references, and nothing here divides by them.)
 
-The machine's matmul speed is measured in the same run (sgemm 2048²), so figures from another day can be
-compared after normalising by it.
+Printed: images/s (median, min–max of --repeats timed calls); the FLOPs of one training step and of one
+encode, counted with torch.utils.flop_counter over an untimed call (matrix products, convolutions and
+attention, forward + backward); the FLOP/s they imply; and MFU = that FLOP/s ÷ the sgemm speed measured in
+the same run (benchmarks/machine.py: before and after the workload, the larger of the two), beside the share
+of sgemm at the model's own largest product shape.
 
 --gan stylegan|patchgan times the full adversarial step as `vqim train-tokenizer` runs it: the generator step
 (reconstruction + GAN term through the discriminator, backward, Adam) and then the discriminator step on real
-and reconstructed images (lazy R1 every 16 steps for StyleGAN). --compare runs the ViT and the CNN at the same
-16×16 token grid and about the same parameter count (7.8M vs 8.6M) in one process and prints their ratio (the
-ViT-VQGAN paper: SS 1.6× faster than CNN ×1). Usage:
+and reconstructed images (lazy R1 every 16 steps for StyleGAN, the JSON says how many timed steps ran it;
+VQGAN's adaptive weight for PatchGAN).
+--compare runs the ViT and the CNN at the same 16×16 token grid and about the same parameter count (7.8M vs
+8.6M) in one process and prints their ratio, both sides timed in this run. Usage:
     python benchmarks/tokenizer_speed.py [--repeats 7] [--device cpu|cuda] [--threads 2] [--arch vit|cnn]
         [--gan none|stylegan|patchgan] [--compare]
 """
@@ -20,41 +26,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 
+from machine import Limits, count_flops, stats, timed
 from vqim import Tokenizer
-
-# Public implementations at these configurations, from PEER_FIGURES.md, measured on a 2-core Xeon with
-# sgemm ≈ 202 GFLOP/s. ViT: enhancing-transformers (two runs of the training step: medians 7.8 and 10.0).
-# CNN: taming-transformers VQGAN, ch 64, ch_mult (1, 1, 2, 2) → f8, 2 res blocks, attention at 16, z 256.
-PEERS = {
-    "vit": {"name": "enhancing-transformers", "train_images_per_s": 10.0, "encode_images_per_s": 26.3},
-    "cnn": {"name": "taming-transformers", "train_images_per_s": 1.0, "encode_images_per_s": 8.7},
-}
-PEER_SGEMM = 202.0
-
-
-def sgemm_gflops(device: str, n: int = 2048, reps: int = 5) -> float:
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
-    for _ in range(2):
-        a @ b
-    _sync(device)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return 2 * n**3 / statistics.median(times) / 1e9
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def bench_config(arch: str = "vit", **kw) -> dict:
@@ -72,30 +48,16 @@ def bench_config(arch: str = "vit", **kw) -> dict:
 
 
 def measure(fn, n_items: int, repeats: int, warmup: int, device: str) -> dict:
+    """Items/s of `repeats` timed calls after `warmup` untimed ones; fn gets the call's index."""
+    i = iter(range(warmup + repeats))
     for _ in range(warmup):
-        fn()
-    _sync(device)
-    rates = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        rates.append(n_items / (time.perf_counter() - t))
-    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates)}
-
-
-class _Backward:
-    """Stands in for the Accelerator in `discriminator_step` (single process: plain backward)."""
-
-    @staticmethod
-    def backward(loss: torch.Tensor) -> None:
-        loss.backward()
+        fn(next(i))
+    return stats([n_items / t for t in timed(lambda: fn(next(i)), repeats, device)])
 
 
 def run_arch(args, arch: str) -> dict:
-    """Train-step and encode throughput of one architecture (optionally with the full GAN step)."""
-    from vqim.train.tokenizer import TokenizerTrainConfig, build_gan, discriminator_step
-
+    """Train-step and encode throughput of one architecture (optionally with the full GAN step), and the
+    FLOPs of each, counted over untimed calls."""
     dev = args.device
     torch.manual_seed(0)
     tok = Tokenizer.from_preset("vit-vqgan-ss", **bench_config(arch)).to(dev)
@@ -104,44 +66,82 @@ def run_arch(args, arch: str) -> dict:
     opt = torch.optim.AdamW(tok.parameters(), lr=1e-4, betas=(0.9, 0.99), weight_decay=1e-4, fused=True)
     x_train = torch.rand(args.train_batch, 3, 128, 128, device=dev)
     x_enc = torch.rand(args.encode_batch, 3, 128, 128, device=dev)
-    amp = torch.autocast(dev, dtype=torch.bfloat16, enabled=args.bf16)
-    gcfg = TokenizerTrainConfig(out="", disc=args.gan, r1_gamma=10.0 if args.gan == "stylegan" else 0.0)
-    disc, d_opt, gan = build_gan(gcfg, 128)
-    if disc is not None:
-        disc = disc.to(dev)
-    step = [0]
+    amp = torch.autocast(dev.split(":")[0], dtype=torch.bfloat16, enabled=args.bf16)
+    gan = None
+    if args.gan != "none":
+        from vqim.train.gan import GAN
 
-    def train_step() -> None:
+        # `vqim train-tokenizer`'s defaults: StyleGAN with lazy R1 (γ 10 every 16 steps), PatchGAN with the
+        # adaptive weight; the GAN term from step 0.
+        gan = GAN.build(
+            args.gan, 128, lr=1e-4, betas=(0.9, 0.99), weight=0.1, adaptive=None, start=0,
+            r1_gamma=10.0 if args.gan == "stylegan" else 0.0, r1_interval=16,
+        )  # fmt: skip
+        gan.disc.to(dev)
+
+    def train_step(step: int, net=model) -> None:
         with amp:
-            out = model(x_train)  # loss = VQ + L2 (logit-Laplace head off, l1 weight 0)
+            out = net(x_train)  # loss = VQ + L2 (logit-Laplace head off, l1 weight 0)
             loss = out.loss
-            if disc is not None:
-                loss = loss + gcfg.adv_weight * gan["g"](disc(out.reconstruction))
+            if gan is not None:
+                loss = loss + gan.generator_term(out.reconstruction, loss, tok.decoder.last_layer)[0]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if disc is not None:
+        if gan is not None:
             with amp:
-                discriminator_step(
-                    gcfg, disc, d_opt, gan, x_train, out.reconstruction.detach(), step[0], _Backward
-                )
-        step[0] += 1
+                gan.discriminator_step(x_train, out.reconstruction.detach(), step)
 
-    def encode() -> None:
+    def encode(_step: int = 0) -> None:
         with amp:
             tok.encode(x_enc)
 
+    # Lazy R1 runs on steps divisible by its interval; count the timed steps that ran it, and weight the FLOPs
+    # of a step with R1 and one without accordingly (both counted on the eager model, outside the timing).
+    r1_on = gan is not None and gan.r1_gamma > 0
+    timed_steps = range(args.warmup, args.warmup + args.repeats)
+    r1_timed = sum(1 for s in timed_steps if r1_on and s % gan.r1_interval == 0)
     tok.train()
+    step_flops = count_flops(lambda: train_step(1, tok))
+    flops_per_step = step_flops["total"]
+    if r1_timed:
+        r1_flops = count_flops(lambda: train_step(0, tok))["total"]
+        flops_per_step = (r1_timed * r1_flops + (args.repeats - r1_timed) * flops_per_step) / args.repeats
     train = measure(train_step, args.train_batch, args.repeats, args.warmup, dev)
     tok.eval()
+    enc_flops = count_flops(encode)
     enc = measure(encode, args.encode_batch, args.repeats, args.warmup, dev)
     return {
         "config": {**bench_config(arch), "train_batch": args.train_batch, "encode_batch": args.encode_batch},
         "params": params,
-        "disc_params": sum(p.numel() for p in disc.parameters()) if disc is not None else 0,
-        "train_images_per_s": {k: round(v, 2) for k, v in train.items()},
-        "encode_images_per_s": {k: round(v, 2) for k, v in enc.items()},
+        "disc_params": sum(p.numel() for p in gan.disc.parameters()) if gan is not None else 0,
+        "train_images_per_s": train,
+        "encode_images_per_s": enc,
+        "flops": {
+            "train_per_image": round(flops_per_step / args.train_batch),
+            "encode_per_image": round(enc_flops["total"] / args.encode_batch),
+            "train_step_by_op": step_flops,
+            "encode_by_op": enc_flops,
+            "r1_steps_among_timed": r1_timed,
+            "counted_with": "torch.utils.flop_counter.FlopCounterMode over one untimed call, eager model: "
+            "matmuls, convolutions, attention (full score matrix), forward + backward; 2 FLOPs per MAC",
+        },
     }
+
+
+def utilisation(run: dict, limits: Limits, shape_is_its_own: bool) -> dict:
+    """Achieved FLOP/s at the median rate, and its share of the sgemm speed measured in this run (and of sgemm
+    at the workload's shape, when that shape is this architecture's)."""
+    out: dict = {"achieved_gflops": {}, "mfu": {}}
+    for kind in ("train", "encode"):
+        gflops = run[f"{kind}_images_per_s"]["median"] * run["flops"][f"{kind}_per_image"] / 1e9
+        out["achieved_gflops"][kind] = round(gflops, 1)
+        out["mfu"][kind] = round(gflops / limits["sgemm_gflops"], 3)
+        if shape_is_its_own:
+            out.setdefault("share_of_workload_shape_sgemm", {})[kind] = round(
+                gflops / limits["sgemm_gflops_at_workload_shape"], 3
+            )
+    return out
 
 
 def main() -> None:
@@ -164,51 +164,30 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dev = args.device
+    archs = ("vit", "cnn") if args.compare else (args.arch,)
+    # The ViT's largest product: its MLP over every token of the training batch, (B·256, 256) @ (256, 1024).
+    shape = (args.train_batch * 256, 256, 1024) if "vit" in archs else None
+    with Limits(dev, torch.bfloat16 if args.bf16 else torch.float32, shape) as limits:
+        runs = {arch: run_arch(args, arch) for arch in archs}
+    for arch, r in runs.items():
+        r.update(utilisation(r, limits, shape_is_its_own=arch == "vit"))
+    head = {
+        "device": dev, "threads": args.threads, "bf16": args.bf16, "gan": args.gan,
+        "compile": args.compile_mode if args.compile else False,
+    }  # fmt: skip
 
     if args.compare:
-        runs = {arch: run_arch(args, arch) for arch in ("vit", "cnn")}
         v, c = runs["vit"], runs["cnn"]
         result = {
-            "device": dev, "threads": args.threads, "bf16": args.bf16, "gan": args.gan,
-            "compile": args.compile_mode if args.compile else False, "runs": runs,
-            "token_grid": [16, 16], "params_ratio_cnn_over_vit": round(c["params"] / v["params"], 3),
+            **head, "token_grid": [16, 16], "runs": runs,
+            "params_ratio_cnn_over_vit": round(c["params"] / v["params"], 3),
+            # Both sides timed in this process, one after the other.
             "vit_over_cnn_train": round(v["train_images_per_s"]["median"] / c["train_images_per_s"]["median"], 2),
             "vit_over_cnn_encode": round(v["encode_images_per_s"]["median"] / c["encode_images_per_s"]["median"], 2),
-            "paper_vit_ss_over_cnn_x1_train": round(1520 / 946, 2),
+            "machine": limits.report(),
         }  # fmt: skip
-        print(json.dumps(result, indent=2))
-        return
-
-    r = run_arch(args, args.arch)
-    train, enc = r["train_images_per_s"], r["encode_images_per_s"]
-    gflops = sgemm_gflops(dev)
-    machine = gflops / PEER_SGEMM if dev == "cpu" else None
-    peer = PEERS[args.arch]
-    result = {
-        "config": r["config"],
-        "params": r["params"],
-        "device": dev,
-        "threads": args.threads,
-        "bf16": args.bf16,
-        "gan": args.gan,
-        "disc_params": r["disc_params"],
-        "compile": args.compile_mode if args.compile else False,
-        "sgemm_gflops": round(gflops, 1),
-        "train_images_per_s": train,
-        "encode_images_per_s": enc,
-    }
-    if dev == "cpu" and args.gan == "none":
-        # The public figures time the reconstruction step without a discriminator.
-        result["peer"] = {**peer, "sgemm_gflops": PEER_SGEMM}
-        result["speedup_vs_peer_train"] = round(train["median"] / peer["train_images_per_s"], 2)
-        result["speedup_vs_peer_encode"] = round(enc["median"] / peer["encode_images_per_s"], 2)
-        # Same ratio after scaling the peer's figure by this machine's matmul speed relative to theirs.
-        result["speedup_vs_peer_train_machine_normalised"] = round(
-            train["median"] / (peer["train_images_per_s"] * machine), 2
-        )
-        result["speedup_vs_peer_encode_machine_normalised"] = round(
-            enc["median"] / (peer["encode_images_per_s"] * machine), 2
-        )
+    else:
+        result = {**head, **runs[args.arch], "machine": limits.report()}
     print(json.dumps(result, indent=2))
 
 

@@ -1,0 +1,184 @@
+"""The machine's own limits, measured in the benchmark's run, and the helpers every speed benchmark shares.
+
+A speed figure means little without the speed of the machine it came from, and a machine shared with other
+work changes speed from minute to minute. So each benchmark measures, in the same process and right before
+and right after its workload:
+
+- sgemm: GFLOP/s of one matrix product, at 2048×2048×2048 and at a shape the workload itself runs
+  (its largest product), in the workload's dtype;
+- memory read bandwidth: GB/s of summing a 256 MiB tensor (one read of every byte).
+
+Shares of the limit (MFU, roofline share) use the larger of the two measurements, so a slow moment while
+the limit was measured never flatters the share. Rates are reported as median, min and max of the repeats.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+SQUARE = 2048  # sgemm size reported as the machine's matmul speed
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], repeats: int, device: str) -> list[float]:
+    """Wall-clock seconds of `repeats` calls of fn, each bracketed by a device sync."""
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def stats(values: list[float], digits: int = 2) -> dict[str, float]:
+    return {
+        "median": round(statistics.median(values), digits),
+        "min": round(min(values), digits),
+        "max": round(max(values), digits),
+    }
+
+
+def seconds_per_call(fn: Callable[[], object], device: str, reps: int = 5, min_s: float = 0.02) -> float:
+    """Median seconds of one call of fn: `reps` samples, each of as many back-to-back calls as take at least
+    `min_s` (so a product of a few microseconds is not timed alone), after one warm-up call."""
+
+    def repeat(calls: int) -> Callable[[], None]:
+        return lambda: [fn() for _ in range(calls)]
+
+    fn()
+    calls = 1
+    while timed(repeat(calls), 1, device)[0] < min_s and calls < 2**16:
+        calls *= 2
+    return statistics.median(timed(repeat(calls), reps, device)) / calls
+
+
+def matmul_gflops(
+    device: str, m: int = SQUARE, k: int = SQUARE, n: int = SQUARE, dtype=torch.float32, reps: int = 5
+) -> float:
+    """GFLOP/s of an (m, k) @ (k, n) product (median of `reps` samples)."""
+    a = torch.randn(m, k, device=device, dtype=dtype)
+    b = torch.randn(k, n, device=device, dtype=dtype)
+    return 2 * m * k * n / seconds_per_call(lambda: a @ b, device, reps) / 1e9
+
+
+def memory_read_gb_per_s(device: str, mbytes: int = 256, reps: int = 5) -> float:
+    """GB/s of reading a `mbytes` MiB fp32 tensor once (its sum; median of `reps` samples)."""
+    x = torch.ones(mbytes * 2**20 // 4, device=device)
+    return x.numel() * 4 / seconds_per_call(x.sum, device, reps) / 1e9
+
+
+def measure_limits(device: str, dtype=torch.float32, shape: tuple[int, int, int] | None = None) -> dict:
+    """sgemm GFLOP/s (square, and at `shape` = (m, k, n) when given) and memory read GB/s, measured now."""
+    out = {
+        "sgemm_gflops": round(matmul_gflops(device, dtype=dtype), 1),
+        "memory_read_gb_per_s": round(memory_read_gb_per_s(device), 2),
+    }
+    if shape is not None:
+        out["sgemm_gflops_at_workload_shape"] = round(matmul_gflops(device, *shape, dtype=dtype), 1)
+    return out
+
+
+def describe(device: str, dtype=torch.float32, shape: tuple[int, int, int] | None = None) -> dict:
+    """What the limits were measured with, and on what."""
+    d = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "logical_cpus": os.cpu_count(),
+        "cpu": _cpu_name(),
+        "device": device,
+        "sgemm": f"{str(dtype).removeprefix('torch.')} {SQUARE}x{SQUARE}x{SQUARE} matmul, median of 5 samples",
+        "memory_read": "sum of a 256 MiB fp32 tensor, median of 5 samples",
+        "limits_used": "the larger of the measurements before and after the workload",
+    }
+    if shape is not None:
+        d["workload_shape_mkn"] = list(shape)
+    if device.startswith("cuda"):
+        d["gpu"] = torch.cuda.get_device_name(device)
+    return d
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class Limits:
+    """Limits measured before and after a workload: `with Limits(dev) as lim: work()`, then `lim.report()`."""
+
+    def __init__(self, device: str, dtype=torch.float32, shape: tuple[int, int, int] | None = None):
+        self.device, self.dtype, self.shape = device, dtype, shape
+        self.before: dict = {}
+        self.after: dict = {}
+
+    def __enter__(self) -> Limits:
+        self.before = measure_limits(self.device, self.dtype, self.shape)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self.after = measure_limits(self.device, self.dtype, self.shape)
+
+    def __getitem__(self, key: str) -> float:
+        return max(self.before[key], self.after.get(key, self.before[key]))
+
+    def report(self) -> dict:
+        return {
+            "measured_with": describe(self.device, self.dtype, self.shape),
+            "before": self.before,
+            "after": self.after,
+            "limits": {k: self[k] for k in self.before},
+        }
+
+
+# FlopCounterMode knows the fused attention kernels of CUDA; on CPU, scaled_dot_product_attention runs
+# `_scaled_dot_product_flash_attention_for_cpu`, which it does not count, so it is added here with the same
+# formulas (the full T×T score matrix, causal or not).
+def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_sdpa_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kw):
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+def _custom_flops() -> dict:
+    aten = torch.ops.aten
+    out = {}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        out[aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_sdpa_flop
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
+        out[aten._scaled_dot_product_flash_attention_for_cpu_backward] = _cpu_sdpa_backward_flop
+    return out
+
+
+def count_flops(fn: Callable[[], object]) -> dict[str, int]:
+    """FLOPs of the matrix products, convolutions and attention that one call of fn runs, by operator.
+
+    Counted by torch.utils.flop_counter.FlopCounterMode (2 FLOPs per multiply-add; elementwise work, norms,
+    softmax and the optimizer update are not counted, as in MFU).
+    """
+    with FlopCounterMode(display=False, custom_mapping=_custom_flops()) as counter:
+        fn()
+    by_op = {
+        str(k).removeprefix("aten."): int(v) for k, v in counter.get_flop_counts().get("Global", {}).items()
+    }
+    return {"total": int(counter.get_total_flops()), **dict(sorted(by_op.items()))}
