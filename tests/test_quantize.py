@@ -286,15 +286,16 @@ def test_dead_code_restart():
     with torch.no_grad():
         ids0 = q(batches[0]).ids
     assert set(ids0.flatten().tolist()) <= {0, 1, 2, 3}
-    assert q.update_and_restart(0).numel() == 0  # age 1 < window 2
+    assert not q.update_and_restart(0).any()  # age 1 < window 2
     assert torch.equal(q.codebook, before)
 
     with torch.no_grad():
         ids1 = q(batches[1]).ids
     assert set(ids1.flatten().tolist()) <= {0, 1, 2, 3}
-    restarted = q.update_and_restart(1)
+    mask = q.update_and_restart(1)
+    assert mask.dtype == torch.bool and mask.shape == (16,)
+    restarted = mask.nonzero().flatten()
     hit = set(ids0.flatten().tolist()) | set(ids1.flatten().tolist())
-    assert restarted.dtype == torch.int64
     assert set(range(4, 16)) <= set(restarted.tolist())
     assert set(restarted.tolist()) == set(range(16)) - hit
 
@@ -315,13 +316,31 @@ def test_dead_code_restart():
     assert set(ids2.flatten().tolist()) & set(restarted.tolist())
 
 
+def test_restart_with_more_dead_codes_than_pool_rows():
+    q = _cone_quantizer(window=1)
+    z = _cone_batches(1)[0].reshape(-1, 6)[:3]  # a pool of 3 encodings for 12+ dead codes
+    with torch.no_grad():
+        q(z)
+    mask = q.update_and_restart(5)
+    dead = mask.nonzero().flatten()
+    assert dead.numel() >= 12
+    after = q.codebook.detach()[dead]
+    assert torch.isfinite(after).all()
+    pool = _unit(_project(q, z)).detach()
+    dist = _pairwise(after, pool)
+    # The first three dead codes take the three pool rows exactly, once each; the rest are noisy copies.
+    assert dist[:3].min(dim=1).values.max() < 1e-5
+    assert sorted(dist[:3].argmin(dim=1).tolist()) == [0, 1, 2]
+    assert 0 < dist[3:].min(dim=1).values.min() and dist[3:].min(dim=1).values.max() < 0.1
+
+
 def test_no_restart_when_window_is_zero():
     q = _cone_quantizer(window=0)
     before = q.codebook.detach().clone()
     for step, z in enumerate(_cone_batches(5)):
         with torch.no_grad():
             q(z)
-        assert q.update_and_restart(step).numel() == 0
+        assert not q.update_and_restart(step).any()
     assert torch.equal(q.codebook, before)
 
 
@@ -337,7 +356,7 @@ def test_restart_is_deterministic_and_ignores_global_rng():
         for step, z in enumerate(batches):
             with torch.no_grad():
                 q(z)
-            restarted = q.update_and_restart(step + 40)
+            restarted = q.update_and_restart(step + 40).nonzero().flatten()
         results.append((restarted, q.codebook.detach().clone()))
     assert results[0][0].numel() > 0
     assert torch.equal(results[0][0], results[1][0])

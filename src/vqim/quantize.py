@@ -204,25 +204,44 @@ class VectorQuantizer(nn.Module):
         """Age the codes by one step and restart the dead ones; call once per optimizer step.
 
         Hits are summed over processes and replacements drawn from encoder outputs gathered from every
-        process with a generator seeded by `step`, so all processes restart the same codes identically.
+        process with a generator seeded by `step`, so all processes restart the same codes identically. The
+        i-th dead code (in index order) takes pool row perm[i] of a random permutation of the pool; when more
+        codes are dead than the pool has rows, the rest reuse random rows with small noise.
+
+        Nothing here reads a value back to the host: which codes are dead stays a mask on the device, so a
+        training step that calls this needs no synchronisation.
 
         Returns:
-            ids of the restarted codes (empty when none), int64 on the codebook's device.
+            boolean mask (K,) of the restarted codes (all False when none), on the codebook's device.
         """
-        empty = torch.empty(0, dtype=torch.long, device=self.codebook.device)
+        dev = self.codebook.device
         if self.dead_code_window <= 0:
-            return empty
+            return torch.zeros(self.codebook_size, dtype=torch.bool, device=dev)
         hits = self._hits.clone()
         if _dist_ready():
             dist.all_reduce(hits)
         self.code_age += 1
-        self.code_age[hits > 0] = 0
+        self.code_age.masked_fill_(hits > 0, 0)
         self._hits.zero_()
-        dead = (self.code_age >= self.dead_code_window).nonzero().flatten()
-        if dead.numel() == 0 or self._recent is None:
-            return empty
-        pool = _all_gather_cat(self._recent)
+        dead = self.code_age >= self.dead_code_window  # (K,)
+        if self._recent is None:
+            return torch.zeros_like(dead)
+        pool = _all_gather_cat(self._recent)  # (m, L)
+        m, k = pool.shape[0], self.codebook_size
         gen = torch.Generator().manual_seed(10_007 * int(step) + 17)
-        self.codebook.data[dead] = self._sample_rows(pool, dead.numel(), gen).to(self.codebook.dtype)
-        self.code_age[dead] = 0
+        perm = torch.randperm(m, generator=gen)[:k].to(dev)
+        rank = (dead.long().cumsum(0) - 1).clamp_min(0)  # (K,) position of each dead code among the dead
+        rows = pool[perm[rank.clamp_max(perm.numel() - 1)]]  # (K, L)
+        if m < k:  # more dead codes than pool rows is possible: reuse random rows, with noise
+            extra_gen = torch.Generator().manual_seed(10_007 * int(step) + 29)
+            idx = torch.randint(m, (k,), generator=extra_gen).to(dev)
+            noise = torch.randn((k, self.lookup_dim), generator=extra_gen).to(pool)
+            reuse = pool[idx] + 0.01 * pool.std() * noise
+            rows = torch.where((rank >= m).unsqueeze(1), reuse, rows)
+        if self.l2_norm:
+            rows = F.normalize(rows, dim=-1)
+        self.codebook.data.copy_(
+            torch.where(dead.unsqueeze(1), rows.to(self.codebook.dtype), self.codebook.data)
+        )
+        self.code_age.masked_fill_(dead, 0)
         return dead

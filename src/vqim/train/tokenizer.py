@@ -115,13 +115,14 @@ def lr_lambda(step: int, total: int, warmup: int, min_ratio: float) -> float:
 
 
 def reset_optimizer_rows(opt: torch.optim.Optimizer, param: torch.nn.Parameter, rows: torch.Tensor) -> None:
-    """Zero Adam's moments for restarted codebook rows, so stale momentum does not pull them back."""
+    """Zero Adam's moments of the codebook rows in the boolean mask rows (K,), so that stale momentum does not
+    pull restarted codes back (a masked fill: no host synchronisation)."""
     s = opt.state.get(param)
     if not s:
         return
     for key in ("exp_avg", "exp_avg_sq"):
         if key in s:
-            s[key][rows] = 0
+            s[key].masked_fill_(rows.unsqueeze(1), 0)
 
 
 def save_grid(images: torch.Tensor, recon: torch.Tensor, path: Path) -> torch.Tensor:
@@ -206,6 +207,8 @@ class TokenizerTrainer(Trainer):
             self.lpips = self.lpips.to(self.device)
 
     def before_loop(self) -> None:
+        # Restarted codes so far, counted on the device (read at logging steps and checkpoints).
+        self.restarted = torch.tensor(self.counters["restarted_codes"], device=self.device)
         if self.step == 0 and self.raw.config.codebook_init == "data":
             self.init_codebook()
         self.preview = next(
@@ -250,16 +253,12 @@ class TokenizerTrainer(Trainer):
     def restart_dead_codes(self) -> None:
         """Age the codes and restart the dead ones (a no-op without `dead_code_window`)."""
         dead = self.raw.quantizer.update_and_restart(self.step)
-        if dead.numel():
-            reset_optimizer_rows(self.optimizer.optimizer, self.raw.quantizer.codebook, dead)
-            self.counters["restarted_codes"] += dead.numel()
+        reset_optimizer_rows(self.optimizer.optimizer, self.raw.quantizer.codebook, dead)
+        self.restarted += dead.sum()
 
     def log_terms(self, out: StepOutput, batch: dict[str, Any]) -> dict[str, float]:
         rec = out.extra.reconstruction.detach()
-        return {
-            "psnr": float(psnr(rec, batch["image"]).mean()),
-            "restarted_codes": float(self.counters["restarted_codes"]),
-        }
+        return {"psnr": float(psnr(rec, batch["image"]).mean()), "restarted_codes": float(self.restarted)}
 
     def periodic(self, step: int) -> None:
         if self.main and (step % self.cfg.image_every == 0 or step == self.cfg.steps):
@@ -277,6 +276,7 @@ class TokenizerTrainer(Trainer):
 
     # ------------------------------------------------------------------ state
     def extra_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        self.counters["restarted_codes"] = int(self.restarted)
         tensors = {"quantizer.code_age": self.raw.quantizer.code_age}
         meta: dict[str, Any] = {}
         if self.gan is not None:
@@ -294,6 +294,10 @@ class TokenizerTrainer(Trainer):
 
     def config_record(self) -> dict[str, Any]:
         return {"tokenizer": self.raw.config.to_dict()}
+
+    def summary_extra(self) -> dict[str, Any]:
+        self.counters["restarted_codes"] = int(self.restarted)
+        return {"restarted_codes": self.counters["restarted_codes"]}
 
 
 def _inner(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
