@@ -69,7 +69,7 @@ DEFAULT_LOOKUP_DIM = 32
 
 
 def paper_grid() -> list[Variant]:
-    """The rows of the paper's ablation table (SPEC.md), in its order."""
+    """The rows of the paper's ablation table (docs/papers.md), in its order."""
     rows = [
         Variant("default", "default (dim 32, l2-norm, StyleGAN disc)", paper_rfid=1.55, paper_usage=0.96),
         Variant("cnn", "CNN encoder/decoder", model=dict(CNN_TINY), paper_rfid=2.26, paper_usage=0.63),

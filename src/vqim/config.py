@@ -38,8 +38,8 @@ class TokenizerConfig:
         logit_laplace: decoder emits 6 channels (μ, ln b) for the logit-Laplace loss (DALL-E A.3);
             otherwise it emits 3 channels in [-1, 1] space.
         vq_weight, l2_weight, l1_weight, logit_laplace_weight: weights of the reconstruction-side loss terms
-            (SPEC: L = L_VQ + 0.1·L_logit-Laplace + 1.0·L2, plus adversarial and perceptual terms that the
-            training step adds).
+            (docs/papers.md: L = L_VQ + 0.1·L_logit-Laplace + 1.0·L2, plus adversarial and perceptual terms
+            that the training step adds).
     """
 
     arch: Literal["vit", "cnn"] = "vit"
@@ -141,7 +141,7 @@ def _vit(enc: tuple[int, int, int, int], dec: tuple[int, int, int, int], **kw: A
     )  # fmt: skip
 
 
-# (dim, blocks, heads, MLP dim) per network — SPEC.md, ViT-VQGAN Table 1.
+# (dim, blocks, heads, MLP dim) per network — ViT-VQGAN Table 1 (docs/papers.md).
 VIT_SMALL = (512, 8, 8, 2048)
 VIT_BASE = (768, 12, 12, 3072)
 VIT_LARGE = (1280, 32, 16, 5120)
@@ -195,9 +195,9 @@ TOKENIZER_PRESETS: dict[str, Any] = {
 
 # Loss and optimiser defaults of each tokenizer preset, from its paper; `vqim train-tokenizer` (and
 # `TokenizerTrainConfig.for_preset`) use them for every setting not given explicitly.
-# - ViT-VQGAN (SPEC: L = L_VQ + 0.1·L_adv + 0.1·L_perceptual + 0.1·L_logit-Laplace + 1.0·L2; Adam (0.9, 0.99),
-#   lr 1e-4). The paper leaves the GAN loss form, R1 and the start step open: vqim uses StyleGAN2's
-#   non-saturating loss with lazy R1 (γ = 10 every 16 steps, StyleGAN2's setting) from step 0.
+# - ViT-VQGAN (docs/papers.md: L = L_VQ + 0.1·L_adv + 0.1·L_perceptual + 0.1·L_logit-Laplace + 1.0·L2;
+#   Adam (0.9, 0.99), lr 1e-4). The paper leaves the GAN loss form, R1 and the start step open: vqim uses
+#   StyleGAN2's non-saturating loss with lazy R1 (γ = 10 every 16 steps, StyleGAN2's setting) from step 0.
 # - Taming VQGAN (its released ImageNet configs): PatchGAN + hinge, adaptive weight × 0.8 from step 250001,
 #   LPIPS weight 1.0, Adam (0.5, 0.9), lr 4.5e-6 per image of the global batch.
 # - The tiny presets are for CPU minutes and offline machines: no discriminator, no perceptual term.
@@ -302,7 +302,7 @@ class PriorConfig:
             prior has C + 1 class embeddings: the last one (id C) is the "null" class used for label
             dropout in training and for classifier-free guidance.
         dim, depth, heads, mlp_dim: Transformer width, blocks, heads and MLP width.
-        dropout: residual, activation, attention and embedding dropout (SPEC: 0.1).
+        dropout: residual, activation, attention and embedding dropout (docs/papers.md: 0.1).
         class_dropout: probability, in training, of replacing a label by the null class (classifier-free
             guidance needs it; ignored by an unconditional prior).
     """
@@ -371,9 +371,10 @@ def _vim(dim: int, depth: int, heads: int, mlp_dim: int, **kw: Any) -> PriorConf
     return PriorConfig(dim=dim, depth=depth, heads=heads, mlp_dim=mlp_dim, **kw)
 
 
-# Architecture presets. vim-base / vim-large are the paper's (SPEC: VIM-Base 650M, VIM-Large 1.7B) over the
-# ImageNet-256 ViT-VQGAN grid (patch 8 → 32×32, 8192 codes); vim-small is the size of the public samplers in
-# PEER_FIGURES.md; vim-tiny pairs with the vit-vqgan-tiny tokenizer (512 codes, 8×8 tokens) for CPU runs.
+# Architecture presets. vim-base / vim-large are the paper's (VIM-Base 650M, VIM-Large 1.7B; docs/papers.md)
+# over the ImageNet-256 ViT-VQGAN grid (patch 8 → 32×32, 8192 codes); vim-small is the size of the public
+# samplers in docs/reference-figures.md; vim-tiny pairs with the vit-vqgan-tiny tokenizer (512 codes, 8×8
+# tokens) for CPU runs.
 PRIOR_PRESETS: dict[str, Any] = {
     "vim-base": lambda: _vim(1536, 24, 16, 6144),
     "vim-large": lambda: _vim(2048, 36, 32, 8192),

@@ -1,6 +1,6 @@
 """Loss terms as pure functions.
 
-The training objective of ViT-VQGAN (SPEC.md) is
+The training objective of ViT-VQGAN (docs/papers.md) is
     L = L_VQ + 0.1·L_adv + 0.1·L_perceptual + 0.1·L_logit-Laplace + 1.0·L_2.
 The reconstruction-side terms live here; the adversarial and perceptual terms are added by the
 training step on top of them.

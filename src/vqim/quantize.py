@@ -105,7 +105,7 @@ class VectorQuantizer(nn.Module):
         self.dead_code_window = dead_code_window
         self.project_in = nn.Linear(in_dim, lookup_dim) if lookup_dim != in_dim else nn.Identity()
         self.project_out = nn.Linear(lookup_dim, out_dim) if lookup_dim != out_dim else nn.Identity()
-        # Codes drawn from a standard normal (SPEC: "codes initialised from a normal").
+        # Codes drawn from a standard normal, as the paper initialises them (docs/papers.md).
         self.codebook = nn.Parameter(torch.randn(codebook_size, lookup_dim))
         # Training-only state, kept out of model.safetensors; the trainer saves it in its training state.
         self.register_buffer("code_age", torch.zeros(codebook_size, dtype=torch.long), persistent=False)
