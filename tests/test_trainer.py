@@ -181,3 +181,30 @@ def test_prior_step_makes_no_host_sync_between_logging_steps(tmp_path):
         log_every=steps, ckpt_every=steps, eval_every=steps, mixed_precision="no",
     )  # fmt: skip
     assert _count_syncs(PriorTrainer(cfg), steps) == []
+
+
+def test_clipping_in_the_fused_step_equals_clip_grad_norm():
+    from vqim.train.trainer import clip_scale, grad_norm, nonfinite_flag, optimizer_step
+
+    torch.manual_seed(0)
+    ref, ours = nn.Linear(4, 2), nn.Linear(4, 2)
+    ours.load_state_dict(ref.state_dict())
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=0.1, fused=True)
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=0.1, fused=True)
+    clipped = 0
+    for step in range(4):
+        x = torch.randn(8, 4) * (10 if step % 2 else 0.01)  # alternately above and below the limit
+        for m in (ref, ours):
+            (m(x) ** 2).mean().backward()
+        norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+        clipped += int(norm > 1.0)
+        opt_ref.step()
+        n = grad_norm(ours.parameters())
+        torch.testing.assert_close(n, norm)
+        optimizer_step(opt_ours, nonfinite_flag(n), clip_scale(n, 1.0))
+        for opt in (opt_ref, opt_ours):
+            opt.zero_grad(set_to_none=True)
+    assert clipped == 2
+    for a, b in zip(ref.parameters(), ours.parameters()):
+        torch.testing.assert_close(a, b)
+    assert clip_scale(torch.tensor(5.0), 0.0) is None

@@ -24,7 +24,7 @@ from vqim.losses import (
     non_saturating_g_loss,
     r1_penalty,
 )
-from vqim.train.trainer import grad_norm_, nonfinite_flag, optimizer_step
+from vqim.train.trainer import grad_norm, nonfinite_flag, optimizer_step
 
 DISCRIMINATORS = ("none", "stylegan", "patchgan")
 
@@ -143,7 +143,7 @@ class GAN:
             self.accelerator.backward(d_loss)
         else:
             d_loss.backward()
-        found_inf = nonfinite_flag(grad_norm_(self.disc.parameters(), 0.0))
+        found_inf = nonfinite_flag(grad_norm(self.disc.parameters()))
         optimizer_step(self.optimizer, found_inf)
         self.optimizer.zero_grad(set_to_none=True)
         return out

@@ -125,29 +125,42 @@ class StepOutput:
     extra: Any = None
 
 
-def grad_norm_(parameters, max_norm: float, acc=None) -> torch.Tensor:
-    """Clip gradients to max_norm (0: no clipping) and return the total norm before clipping, as a tensor."""
-    params = [p for p in parameters if p.grad is not None]
-    limit = max_norm if max_norm > 0 else math.inf
-    if acc is not None:
-        norm = acc.clip_grad_norm_(params, limit)
-        if norm is not None:
-            return norm
-    return torch.nn.utils.clip_grad_norm_(params, limit)
+def grad_norm(parameters) -> torch.Tensor:
+    """Global l2 norm of the gradients of parameters, as a tensor on their device (no host sync)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads])
+    )
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
-    """One fused Adam(W) step that leaves weights and moments untouched where found_inf is 1.
+def clip_scale(norm: torch.Tensor, max_norm: float) -> torch.Tensor | None:
+    """The divisor that clips gradients of global norm `norm` to max_norm (None: no clipping).
 
-    The fused kernels read `found_inf` on the device (as GradScaler uses them), so a non-finite step is
-    skipped without the host waiting for the gradient norm.
+    Same rule as `torch.nn.utils.clip_grad_norm_` (gradients × max_norm / (norm + 1e-6) when that is < 1), but
+    applied by the fused Adam kernel as its `grad_scale` instead of a separate pass over every gradient.
+    """
+    if max_norm <= 0:
+        return None
+    return ((norm + 1e-6) / max_norm).clamp_min(1.0).to(torch.float32)
+
+
+def optimizer_step(
+    optimizer: torch.optim.Optimizer, found_inf: torch.Tensor, grad_scale: torch.Tensor | None = None
+) -> None:
+    """One fused Adam(W) step that divides gradients by grad_scale and leaves weights and moments untouched
+    where found_inf is 1.
+
+    The fused kernels read both on the device (as GradScaler uses them), so a non-finite step is skipped and
+    gradients are clipped without the host waiting for the gradient norm.
     """
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
-    inner.found_inf = found_inf
+    inner.found_inf, inner.grad_scale = found_inf, grad_scale
     try:
         optimizer.step()
     finally:
-        inner.found_inf = None
+        inner.found_inf = inner.grad_scale = None
 
 
 def nonfinite_flag(norm: torch.Tensor) -> torch.Tensor:
@@ -300,8 +313,9 @@ class Trainer:
             self.skipped.update(batch.get("skipped", ()))
             out = self.compute_loss(self.model, batch)
             acc.backward(out.loss)
-            found_inf = nonfinite_flag(grad_norm_(self.model.parameters(), cfg.grad_clip, acc))
-            optimizer_step(self.optimizer, found_inf)
+            norm, scale = self._clip()
+            found_inf = nonfinite_flag(norm)
+            optimizer_step(self.optimizer, found_inf, scale)
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
             self.after_update(out, batch, found_inf)
@@ -344,6 +358,17 @@ class Trainer:
         bar.close()
         self.counters["nonfinite_steps"] += int(bad_total)
         return self._finish(t0, start_step, stop_reason)
+
+    def _clip(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(gradient norm, clipping divisor for the optimizer step) of the model's gradients."""
+        from accelerate.utils import DistributedType
+
+        if self.acc.distributed_type == DistributedType.FSDP:
+            # Sharded gradients: FSDP computes the global norm and clips in place.
+            limit = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+            return self.acc.clip_grad_norm_(self.model.parameters(), limit), None
+        norm = grad_norm(self.model.parameters())  # DDP: gradients are already all-reduced, equal everywhere
+        return norm, clip_scale(norm, self.cfg.grad_clip)
 
     def _show(self, bar) -> None:
         keys = [k for k in ("loss", "psnr", "usage", "bits_per_token") if k in self.last]
