@@ -193,3 +193,96 @@ def test_stylegan_r1_lpips_training_resumes_exactly(tmp_path, folder, capsys):
         main(["train-tokenizer", "--out", str(tmp_path / "c"), *common[:-len(TINY) - 2], *TINY,
               "--vgg-weights", str(tmp_path / "none.pth")])  # fmt: skip
     assert "--perceptual-weight 0" in capsys.readouterr().err
+
+
+def _subparsers(parser):
+    import argparse
+
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub.choices
+
+
+def test_every_option_of_every_command_has_help():
+    from vqim.cli import COMMANDS, build_parser
+
+    commands = _subparsers(build_parser())
+    assert set(commands) == set(COMMANDS)
+    for name, p in commands.items():
+        for action in p._actions:
+            assert action.help and action.help.strip(), f"{name} {action.option_strings or action.dest}"
+
+
+def test_help_shows_defaults_choices_and_todays_flag_forms(capsys):
+    from vqim.cli import build_parser
+    from vqim.config import prior_presets, tokenizer_presets
+
+    commands = _subparsers(build_parser())
+    text = " ".join(commands["train-tokenizer"].format_help().split())
+    assert "--steps STEPS optimizer steps. (default: 1000)" in text
+    assert "{" + ",".join(tokenizer_presets()) + "}" in text  # --preset lists its choices
+    for flag in ("--no-progress", "--max-minutes", "--compile [MODE]", "--betas B1 B2", "--l2-norm, --no-l2-norm",
+                 "--lr LR peak learning rate", "--image-size", "--disc {none,stylegan,patchgan}"):  # fmt: skip
+        assert flag in text, flag
+    assert "(default: the preset's recipe" in text
+    prior = " ".join(commands["train-prior"].format_help().split())
+    assert "{" + ",".join(prior_presets()) + "}" in prior and "--class-dropout" in prior
+    sample = " ".join(commands["sample"].format_help().split())
+    assert "generated as one batch" in sample and "--cfg-scale" in sample
+    ev = " ".join(commands["eval-prior"].format_help().split())
+    assert "--val-every VAL_EVERY score only the held-out sequences" in ev and "--top-k" in ev
+    assert "--set KEY=VALUE [KEY=VALUE ...]" in " ".join(commands["ablate"].format_help().split())
+
+
+def test_bad_input_exits_2_with_one_error_line(tmp_path, capsys):
+    cases = [
+        (["sample", "--prior", str(tmp_path / "none"), "--tokenizer", str(tmp_path / "t"), "--out", str(tmp_path)],
+         "prior directory not found"),
+        (["reconstruct", "--tokenizer", str(tmp_path / "none"), "a.png", "--out", str(tmp_path)],
+         "tokenizer directory not found"),
+        (["ablate", "--out", str(tmp_path / "study"), "--only", "dim3"], "unknown ablation variants"),
+        (["sample", "--prior", "p", "--tokenizer", "t", "--out", "o", "--top-p", "2"], "top_p must be"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], (argv, err)
+    # A malformed --set is a usage error of the option itself.
+    with pytest.raises(SystemExit) as e:
+        main(["ablate", "--out", str(tmp_path / "s"), "--set", "lookup_dim=big"])
+    assert e.value.code == 2 and "not a valid int" in capsys.readouterr().err
+
+
+def test_ablate_records_the_argv_it_was_given(tmp_path, monkeypatch, capsys):
+    import vqim.ablate
+
+    seen = {}
+
+    def fake(cfg, command=""):
+        seen.update(cfg=cfg, command=command)
+        return {"markdown": "table"}
+
+    monkeypatch.setattr(vqim.ablate, "run_ablation", fake)
+    monkeypatch.setattr("sys.argv", ["pytest", "something", "else"])
+    main(["ablate", "--out", str(tmp_path / "my study"), "--steps", "3", "--set", "dead_code_window=0", "--only",
+          "default", "dim8", "--no-progress"])  # fmt: skip
+    assert capsys.readouterr().out.strip() == "table"
+    assert seen["command"] == (f"vqim ablate --out '{tmp_path / 'my study'}' --steps 3 --set dead_code_window=0 "
+                               "--only default dim8 --no-progress")  # fmt: skip
+    cfg = seen["cfg"]
+    assert (cfg.steps, cfg.base_model, cfg.only, cfg.progress) == (3, {"dead_code_window": 0}, ("default", "dim8"),
+                                                                    False)  # fmt: skip
+
+
+def test_presets_show_the_fields_of_their_architecture(capsys):
+    main(["presets"])
+    rows = json.loads(capsys.readouterr().out)
+    cnn, vit = rows["tokenizers"]["vqgan-tiny"], rows["tokenizers"]["vit-vqgan-tiny"]
+    assert "enc_depth" not in cnn and "pos_embed" not in cnn and cnn["cnn_channels"] == 32
+    assert "cnn_channels" not in vit and vit["enc_depth"] == 2
+    # Each prior preset is counted at the setting it is meant for.
+    tiny, base = rows["priors"]["vim-tiny"], rows["priors"]["vim-base"]
+    assert (tiny["vocab_size"], tiny["grid_size"], tiny["num_classes"]) == (512, [8, 8], 10)
+    assert tiny["params_M"] == pytest.approx(0.93, abs=0.01)
+    assert (base["vocab_size"], base["grid_size"], base["num_classes"]) == (8192, [32, 32], 1000)

@@ -232,3 +232,40 @@ def test_docstring_args_reads_bases_and_multi_name_entries():
     d = docstring_args(Run)
     assert d["out"] == "output folder." and d["batch_size"] == "optimizer steps and global batch."
     assert d["steps"] == "steps of this run (replaces the base's entry)."
+
+
+def test_tuples_of_choices_and_parsed_options():
+    def pairs(items: list[str]) -> dict[str, int]:
+        out = {}
+        for item in items:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"expected KEY=VALUE, got {item!r}")
+            out[key] = int(value)
+        return out
+
+    @dataclass
+    class Study:
+        """A study.
+
+        Args:
+            baselines: baselines to fit.
+            overrides: settings for every row.
+        """
+
+        baselines: tuple[Literal["encoder", "pixels"], ...] = option(("encoder",), nargs="*")
+        overrides: dict = option(
+            default_factory=dict, flag="--set", metavar="KEY=VALUE", nargs="+", parse=pairs
+        )
+
+    p = _parser(Study)
+    assert build(Study, p.parse_args(["--baselines", "pixels", "encoder", "--set", "a=1", "b=2"])) == Study(
+        ("pixels", "encoder"), {"a": 1, "b": 2}
+    )
+    assert build(Study, p.parse_args(["--baselines"])).baselines == ()
+    assert build(Study, p.parse_args([])) == Study()
+    for argv in (["--baselines", "colour"], ["--set", "a"]):
+        with pytest.raises(SystemExit):
+            p.parse_args(argv)
+    flat = " ".join(p.format_help().split())
+    assert "--set KEY=VALUE [KEY=VALUE ...]" in flat and "(default: {})" not in flat

@@ -24,9 +24,11 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from vqim.checkpoint import atomic_write, read_json, write_json
+from vqim.checkpoint import atomic_write, read_json, resolve_device, write_json
+from vqim.config import parse_overrides, tokenizer_presets
+from vqim.options import option
 
 log = logging.getLogger(__name__)
 
@@ -102,16 +104,31 @@ def paper_grid() -> list[Variant]:
 class AblationConfig:
     """Settings shared by every variant.
 
+    The base loss is vqim's ViT-VQGAN recipe: StyleGAN2 discriminator, non-saturating loss, lazy R1 with γ = 10.
+
     Args:
-        out: study folder.
-        data: dataset spec (training split for training, held-out split for evaluation).
-        steps, batch_size, lr, min_lr_ratio, seed: the shared training budget and recipe.
-        preset: base tokenizer preset; base_model: overrides applied to it for every variant.
-        disc, disc_start, adv_weight, r1_gamma, perceptual_weight, vgg_weights, lpips_weights: the base loss
-            (vqim's ViT-VQGAN recipe: StyleGAN2 discriminator, non-saturating loss, lazy R1 with γ = 10).
-        only: run just these variant names (None: all).
-        eval_batch_size, device: evaluation settings; inception_weights: for rFID/IS when available.
-        num_workers, progress: loader workers and progress bars.
+        out: study folder (re-running resumes).
+        data: dataset (its training split trains, its held-out split evaluates).
+        steps: training steps per variant.
+        batch_size: global batch per step.
+        lr: peak learning rate (short budgets need more than the paper's 1e-4).
+        min_lr_ratio: the cosine decay ends at lr × this.
+        seed: the seed every variant trains from.
+        preset: base tokenizer preset.
+        base_model: tokenizer config overrides for every variant, e.g. dead_code_window=0 codebook_init=normal.
+        disc: discriminator of the base recipe.
+        disc_start: step from which the discriminator trains (default: a quarter of the steps).
+        adv_weight: weight of the generator's GAN term.
+        r1_gamma: lazy R1 penalty γ (0: off).
+        perceptual_weight: LPIPS weight (0: no VGG weights needed).
+        vgg_weights: VGG16 weights for LPIPS (default: torch hub cache).
+        lpips_weights: LPIPS linear heads (default: the lpips package's).
+        inception_weights: torch-fidelity InceptionV3 weights for rFID/IS, measured when available.
+        only: run only these variants (names as in results.md; default: all).
+        eval_batch_size: evaluation batch.
+        num_workers: DataLoader workers.
+        progress: show progress bars.
+        device: where variants are evaluated: cpu, cuda, or auto (cuda when available).
     """
 
     out: str
@@ -121,9 +138,11 @@ class AblationConfig:
     lr: float = 1e-3
     min_lr_ratio: float = 0.02
     seed: int = 0
-    preset: str = "vit-vqgan-tiny"
-    base_model: dict[str, Any] = field(default_factory=dict)
-    disc: str = "stylegan"
+    preset: str = option("vit-vqgan-tiny", choices=tokenizer_presets())
+    base_model: dict[str, Any] = option(
+        default_factory=dict, flag="--set", metavar="KEY=VALUE", nargs="+", parse=parse_overrides
+    )
+    disc: Literal["none", "stylegan", "patchgan"] = "stylegan"
     disc_start: int | None = None
     adv_weight: float = 0.1
     r1_gamma: float = 10.0
@@ -131,11 +150,11 @@ class AblationConfig:
     vgg_weights: str | None = None
     lpips_weights: str | None = None
     inception_weights: str | None = None
-    only: Sequence[str] | None = None
+    only: tuple[str, ...] | None = None
     eval_batch_size: int = 64
     num_workers: int = 0
     progress: bool = True
-    device: str = "cpu"
+    device: str = "auto"
 
 
 def _train_config(cfg: AblationConfig, v: Variant, out: Path):
@@ -187,13 +206,14 @@ def run_variant(cfg: AblationConfig, v: Variant) -> dict[str, Any]:
     from vqim.data import build_dataset
     from vqim.tokenizer import Tokenizer
 
-    tok = Tokenizer.from_pretrained(vdir, device=cfg.device)
+    device = resolve_device(cfg.device)
+    tok = Tokenizer.from_pretrained(vdir, device=device)
     ds = build_dataset(cfg.data, tok.config.image_size, train=False, seed=cfg.seed)
     lpips_model, inception, notes = optional_metric_models(
-        cfg.vgg_weights, cfg.lpips_weights, cfg.inception_weights, device=cfg.device
+        cfg.vgg_weights, cfg.lpips_weights, cfg.inception_weights, device=device
     )
     metrics = evaluate_tokenizer(
-        tok, ds, cfg.eval_batch_size, device=cfg.device, lpips_model=lpips_model, inception=inception
+        tok, ds, cfg.eval_batch_size, device=device, lpips_model=lpips_model, inception=inception
     )
     result = {
         "name": v.name,
@@ -243,6 +263,11 @@ def directions(results: dict[str, dict[str, Any]]) -> list[tuple[str, bool | Non
         r = results.get(name)
         return None if r is None else r["metrics"]["usage"]
 
+    def needs(*names: str) -> str:
+        """Why a check could not be made: the rows it compares that the study did not run."""
+        missing = [n for n in names if n not in results]
+        return f"needs the {' and '.join(missing)} row{'s' if len(missing) > 1 else ''}, not in this study"
+
     checks: list[tuple[str, bool | None, str]] = []
     dims = sorted((d, r["metrics"]["usage"]) for n, r in results.items() if (d := _dim_of(n, r)) is not None)
     base = _dim_of("default", results["default"]) if "default" in results else DEFAULT_LOOKUP_DIM
@@ -252,26 +277,32 @@ def directions(results: dict[str, dict[str, Any]]) -> list[tuple[str, bool | Non
         ev = ", ".join(f"dim {d}: {100 * u:.1f}%" for d, u in big)
         checks.append((f"usage falls as the lookup dim grows beyond {base}", falls, ev))
     else:
-        checks.append((f"usage falls as the lookup dim grows beyond {base}", None, "not run"))
+        checks.append(
+            (
+                f"usage falls as the lookup dim grows beyond {base}",
+                None,
+                f"needs two lookup-dim rows from {base} up",
+            )
+        )
     d, n = usage("default"), usage("no-l2")
     if d is not None and n is not None:
         checks.append(
             ("usage collapses without l2-norm", n < 0.5 * d, f"{100 * n:.1f}% without vs {100 * d:.1f}% with")
         )
     else:
-        checks.append(("usage collapses without l2-norm", None, "not run"))
+        checks.append(("usage collapses without l2-norm", None, needs("default", "no-l2")))
     rv, rc = results.get("default"), results.get("cnn")
     if rv is not None and rc is not None:
         pv, pc = rv["metrics"]["psnr"], rc["metrics"]["psnr"]
         checks.append(("ViT ≥ CNN at a matched budget (PSNR)", pv >= pc, f"{pv:.2f} dB vs {pc:.2f} dB"))
     else:
-        checks.append(("ViT ≥ CNN at a matched budget (PSNR)", None, "not run"))
+        checks.append(("ViT ≥ CNN at a matched budget (PSNR)", None, needs("default", "cnn")))
     rp = results.get("patchgan")
     if rv is not None and rp is not None:
         pv, pp = rv["metrics"]["psnr"], rp["metrics"]["psnr"]
         checks.append(("StyleGAN ≥ PatchGAN discriminator (PSNR)", pv >= pp, f"{pv:.2f} dB vs {pp:.2f} dB"))
     else:
-        checks.append(("StyleGAN ≥ PatchGAN discriminator (PSNR)", None, "not run"))
+        checks.append(("StyleGAN ≥ PatchGAN discriminator (PSNR)", None, needs("default", "patchgan")))
     return checks
 
 

@@ -9,11 +9,17 @@ accuracy on generated samples, so the two can be compared.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
+
+if TYPE_CHECKING:
+    from vqim.config import SamplingConfig
+    from vqim.prior import Prior
+    from vqim.tokenizer import Tokenizer
 
 
 def features(images: torch.Tensor, size: int = 8) -> np.ndarray:
@@ -56,3 +62,53 @@ def fit_sample_classifier(train: Dataset, test: Dataset, seed: int = 0) -> Sampl
     clf = LogisticRegression(max_iter=2000, C=1.0, random_state=seed)
     clf.fit(features(x_tr), y_tr)
     return SampleClassifier(clf, float((clf.predict(features(x_te)) == y_te).mean()))
+
+
+def digits_classifier(image_size: int, seed: int = 0) -> SampleClassifier:
+    """The sample classifier of the built-in digits at this image size (train split → test split)."""
+    from vqim.data import build_dataset
+
+    return fit_sample_classifier(
+        build_dataset("digits", image_size, train=True),
+        build_dataset("digits", image_size, train=False),
+        seed,
+    )
+
+
+@torch.no_grad()
+def sample_accuracy(
+    tokenizer: Tokenizer,
+    prior: Prior,
+    classifier: SampleClassifier,
+    samples_per_class: int = 20,
+    sampling: SamplingConfig | None = None,
+) -> dict[str, Any]:
+    """Accuracy of a classifier of real images on samples of every class of a class-conditional prior.
+
+    `samples_per_class` images of each class 0..C-1 are generated (through the tokenizer) and classified; the
+    mean over classes is `sample_accuracy`, beside the per-class figures and the classifier's accuracy on
+    real held-out images.
+
+    Args:
+        tokenizer: decodes the sampled tokens.
+        prior: a class-conditional prior.
+        classifier: e.g. `digits_classifier(tokenizer.config.image_size)`.
+        samples_per_class: samples generated per class.
+        sampling: temperature, top-k, top-p, guidance scale and seed (default: `SamplingConfig()`).
+    """
+    from vqim.config import SamplingConfig
+    from vqim.sampling import generate_images
+
+    if prior.config.num_classes == 0:
+        raise ValueError("sample accuracy needs a class-conditional prior")
+    sampling = sampling or SamplingConfig()
+    device = next(prior.parameters()).device
+    labels = torch.arange(prior.config.num_classes, device=device).repeat_interleave(samples_per_class)
+    images = generate_images(tokenizer, prior, len(labels), labels=labels, **sampling.kwargs()).cpu()
+    per_class = classifier.accuracy_per_class(images, labels.cpu().numpy())
+    return {
+        "sample_accuracy": float(np.mean(list(per_class.values()))),
+        "sample_accuracy_per_class": per_class,
+        "classifier_real_test_accuracy": classifier.real_test_accuracy,
+        "samples_per_class": samples_per_class,
+    }

@@ -18,12 +18,19 @@ class TokenizerConfig:
     """Configuration of a tokenizer (encoder + quantizer + decoder).
 
     Args:
-        arch: "vit" (ViT-VQGAN). Other encoder/decoder families are added as new values.
+        arch: encoder/decoder family: "vit" (ViT-VQGAN) or "cnn" (taming-transformers' VQGAN).
         image_size: side of the square training image in pixels.
-        patch_size: side p of the non-overlapping p×p patches; the token grid is image_size / p.
+        patch_size: side p of the non-overlapping p×p patches (CNN: the downsampling factor); the token grid
+            is image_size / p.
         channels: image channels (3).
-        enc_dim, enc_depth, enc_heads, enc_mlp_dim: encoder Transformer width, blocks, heads, MLP width.
-        dec_dim, dec_depth, dec_heads, dec_mlp_dim: the same for the decoder.
+        enc_dim: encoder width (ViT: Transformer width; CNN: the latent width z).
+        enc_depth: encoder Transformer blocks (ViT only).
+        enc_heads: encoder attention heads (ViT only).
+        enc_mlp_dim: encoder MLP width (ViT only).
+        dec_dim: decoder width (ViT: Transformer width; CNN: the latent width z, equal to enc_dim).
+        dec_depth: decoder Transformer blocks (ViT only).
+        dec_heads: decoder attention heads (ViT only).
+        dec_mlp_dim: decoder MLP width (ViT only).
         codebook_size: number of codes K.
         lookup_dim: dimension of the lookup space. Smaller than enc_dim = factorized codes (ViT-VQGAN 3.2);
             equal to enc_dim = no factorization (project_in is Identity, and project_out too when
@@ -34,12 +41,19 @@ class TokenizerConfig:
         codebook_init: "normal" (the paper) or "data" (codes set from the first batch of encoder outputs).
         dead_code_window: restart codes unused for this many training steps from recent encoder outputs;
             0 disables restarts.
-        pos_embed: "learned" or "sincos" (fixed 2-D sine-cosine). The paper does not say; learned is default.
+        pos_embed: ViT position embedding: "learned" or "sincos" (fixed 2-D sine-cosine). The paper does not
+            say; learned is default.
         logit_laplace: decoder emits 6 channels (μ, ln b) for the logit-Laplace loss (DALL-E A.3);
             otherwise it emits 3 channels in [-1, 1] space.
-        vq_weight, l2_weight, l1_weight, logit_laplace_weight: weights of the reconstruction-side loss terms
-            (docs/papers.md: L = L_VQ + 0.1·L_logit-Laplace + 1.0·L2, plus adversarial and perceptual terms
-            that the training step adds).
+        vq_weight: weight of the VQ loss. The reconstruction-side loss is (docs/papers.md) L = L_VQ +
+            0.1·L_logit-Laplace + 1.0·L2; the training step adds the adversarial and perceptual terms.
+        l2_weight: weight of the L2 reconstruction loss.
+        l1_weight: weight of the L1 reconstruction loss (taming's VQGAN).
+        logit_laplace_weight: weight of the logit-Laplace loss (needs logit_laplace).
+        cnn_channels: CNN base width (channels at the input resolution).
+        cnn_ch_mult: CNN width multipliers per resolution level; the image is downsampled 2× between levels.
+        cnn_num_res_blocks: residual blocks per CNN level.
+        cnn_attn_resolutions: feature-map sides at which the CNN adds self-attention blocks.
     """
 
     arch: Literal["vit", "cnn"] = "vit"
@@ -114,8 +128,13 @@ class TokenizerConfig:
     def out_channels(self) -> int:
         return 2 * self.channels if self.logit_laplace else self.channels
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def to_dict(self, arch_only: bool = False) -> dict[str, Any]:
+        """The fields as a dict; with arch_only, without those the other architecture's networks read."""
+        d = dataclasses.asdict(self)
+        if arch_only:
+            unused = _CNN_ONLY if self.arch == "vit" else _VIT_ONLY
+            d = {k: v for k, v in d.items() if k not in unused}
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TokenizerConfig:
@@ -130,6 +149,11 @@ class TokenizerConfig:
         """A short stable hash of the config, recorded in token manifests."""
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# Fields only one architecture reads (the CNN's latent width is enc_dim = dec_dim).
+_VIT_ONLY = ("enc_depth", "enc_heads", "enc_mlp_dim", "dec_depth", "dec_heads", "dec_mlp_dim", "pos_embed")
+_CNN_ONLY = ("cnn_channels", "cnn_ch_mult", "cnn_num_res_blocks", "cnn_attn_resolutions")
 
 
 def _vit(enc: tuple[int, int, int, int], dec: tuple[int, int, int, int], **kw: Any) -> TokenizerConfig:
@@ -383,6 +407,18 @@ PRIOR_PRESETS: dict[str, Any] = {
 }
 
 
+# The data-side setting each prior preset is meant for (and counted at by `vqim presets`): the paper's
+# ImageNet setting (8192 codes, 32×32 tokens, 1000 classes), except vim-tiny, which the demo runs on the tiny
+# tokenizer's digits tokens (512 codes, 8×8 tokens, 10 classes).
+PAPER_PRIOR_SETTING: dict[str, Any] = {"vocab_size": 8192, "grid_size": (32, 32), "num_classes": 1000}
+PRIOR_PRESET_SETTINGS: dict[str, dict[str, Any]] = {
+    "vim-base": PAPER_PRIOR_SETTING,
+    "vim-large": PAPER_PRIOR_SETTING,
+    "vim-small": PAPER_PRIOR_SETTING,
+    "vim-tiny": {"vocab_size": 512, "grid_size": (8, 8), "num_classes": 10},
+}
+
+
 def prior_presets() -> list[str]:
     return sorted(PRIOR_PRESETS)
 
@@ -409,7 +445,78 @@ def get_prior_config(
     )
 
 
+def preset_table() -> dict[str, dict[str, Any]]:
+    """Every preset with its parameter counts (millions), as `vqim presets` prints it.
+
+    Tokenizers: encoder / decoder / quantizer counts, the paper's training recipe, and the config fields the
+    preset's architecture reads. Priors: the total count at the setting each is meant for
+    (`PRIOR_PRESET_SETTINGS`: vocabulary, grid and classes, shown in its config). Models are built on the meta device: no memory
+    is allocated for the weights.
+    """
+    import torch
+
+    from vqim.prior import Prior
+    from vqim.tokenizer import Tokenizer
+
+    def jsonable(d: dict[str, Any]) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    rows: dict[str, dict[str, Any]] = {"tokenizers": {}, "priors": {}}
+    for name in tokenizer_presets():
+        with torch.device("meta"):
+            tok = Tokenizer(get_tokenizer_config(name))
+        rows["tokenizers"][name] = {
+            "params_M": {k: round(v / 1e6, 2) for k, v in tok.num_params().items()},
+            "train_recipe": jsonable(train_recipe(name)),
+            **jsonable(tok.config.to_dict(arch_only=True)),
+        }
+    for name in prior_presets():
+        setting = PRIOR_PRESET_SETTINGS.get(name, PAPER_PRIOR_SETTING)
+        with torch.device("meta"):
+            prior = Prior(get_prior_config(name, **setting))
+        rows["priors"][name] = {
+            "params_M": round(sum(p.numel() for p in prior.parameters()) / 1e6, 2),
+            **jsonable(prior.config.to_dict()),
+        }
+    return rows
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Sampling settings.
+
+    What `vqim sample` and `vqim eval-prior` sample with; `kwargs()` gives them to `vqim.sampling.generate`.
+
+    Args:
+        temperature: divides the logits before sampling (0: greedy).
+        top_k: sample among the k most likely tokens only (default: all).
+        top_p: nucleus sampling: the smallest set of most likely tokens whose probability reaches top_p
+            (default: no nucleus filter).
+        cfg_scale: classifier-free guidance scale for a class-conditional prior (1: plain conditional
+            sampling).
+        seed: random seed of the sampler.
+    """
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    cfg_scale: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from vqim.sampling import check_sampling_args
+
+        check_sampling_args(self.temperature, self.top_k, self.top_p)
+
+    def kwargs(self) -> dict[str, Any]:
+        """The settings as keyword arguments of `generate` / `generate_images`."""
+        return dataclasses.asdict(self)
+
+
 __all__ = [
+    "SamplingConfig",
+    "preset_table",
+    "PRIOR_PRESET_SETTINGS",
     "TokenizerConfig",
     "get_tokenizer_config",
     "tokenizer_presets",

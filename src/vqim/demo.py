@@ -48,7 +48,14 @@ def run_demo(
     prior_steps: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run both stages and write the report; returns the metrics (also in out/metrics.json)."""
+    """Run both stages and write the report; returns the metrics (also in out/metrics.json).
+
+    Args:
+        out: output folder; the report is OUT/index.html.
+        steps: tokenizer training steps (default: the demo's recipe, DEMO_STEPS).
+        prior_steps: prior training steps (default: the demo's recipe, PRIOR_STEPS).
+        progress: show progress bars.
+    """
     out = Path(out)
     metrics: dict[str, Any] = {"tokenizer": stage1(out, steps, progress)}
     metrics["prior"] = stage2(out, prior_steps, progress)
@@ -126,7 +133,8 @@ def codebook_health(out: Path, steps: int, progress: bool) -> dict[str, Any]:
 def stage2(out: Path, steps: int | None, progress: bool) -> dict[str, Any]:
     from torchvision.utils import make_grid, save_image
 
-    from vqim.classifier import fit_sample_classifier
+    from vqim.classifier import fit_sample_classifier, sample_accuracy
+    from vqim.config import SamplingConfig
     from vqim.prior import Prior
     from vqim.sampling import generate_images
     from vqim.tokens import encode_dataset
@@ -168,9 +176,7 @@ def stage2(out: Path, steps: int | None, progress: bool) -> dict[str, Any]:
         recon = tok.decode(tok.encode(test["image"]))
     recon_acc = float((clf.predict(recon) == test["label"].numpy()).mean())
     n_eval = 20
-    eval_labels = torch.arange(10).repeat_interleave(n_eval)
-    eval_samples = generate_images(tok, prior, len(eval_labels), labels=eval_labels, **{**kw, "seed": 1})
-    per_class = clf.accuracy_per_class(eval_samples, eval_labels.numpy())
+    scored = sample_accuracy(tok, prior, clf, n_eval, SamplingConfig(**{**kw, "seed": 1}))
     return {
         "path": str(prior_dir),
         "preset": "vim-tiny",
@@ -179,8 +185,8 @@ def stage2(out: Path, steps: int | None, progress: bool) -> dict[str, Any]:
         "train_sequences": summary["train_sequences"],
         "test_bits_per_token": bits,
         "uniform_bits_per_token": float(np.log2(prior.config.vocab_size)),
-        "sample_accuracy": float(np.mean(list(per_class.values()))),
-        "sample_accuracy_per_class": per_class,
+        "sample_accuracy": scored["sample_accuracy"],
+        "sample_accuracy_per_class": scored["sample_accuracy_per_class"],
         "classifier_accuracy_real_test": clf.real_test_accuracy,
         "classifier_accuracy_reconstructions": recon_acc,
         "sampling": {**kw, "samples_per_class_scored": n_eval},

@@ -1,17 +1,30 @@
-"""Tokenizer evaluation: reconstruction quality and codebook usage over a fixed evaluation set."""
+"""Evaluation: what `vqim reconstruct`, `eval-tokenizer`, `eval-prior` and `probe` run.
+
+- Tokenizer: reconstruction quality and codebook usage over a fixed evaluation set (`evaluate_tokenizer`),
+  on one process or shared by the processes of `accelerate launch` (`evaluation_processes`); side-by-side
+  reconstructions of single image files with their PSNR (`reconstruct_files`).
+- Prior: bits per token on held-out token sequences and the accuracy of a real-image classifier on samples
+  (`evaluate_prior`); the linear probe on its block features (`linear_probe`, protocol in `vqim.probe`).
+
+Each command has a config dataclass here (its fields are the command's options) and one function taking it.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vqim import losses
+from vqim.checkpoint import atomic_write, resolve_device, write_json
+from vqim.config import SamplingConfig
 from vqim.metrics import CodebookStats, psnr, ssim
+from vqim.options import option
 from vqim.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -207,6 +220,8 @@ def optional_metric_models(
             inc = load_inception(inception_weights, device)
         except (FileNotFoundError, ImportError, ValueError) as e:
             if fid == "on" or inception_weights is not None:
+                if isinstance(e, ImportError):
+                    raise ValueError(f"rFID / Inception Score need torch-fidelity: {e}") from e
                 raise
             notes["rfid"] = notes["inception_score"] = str(e)
     for k, why in {"lpips": notes.get("lpips"), "rfid, inception_score": notes.get("rfid")}.items():
@@ -222,8 +237,6 @@ def usage_histogram_png(counts: torch.Tensor, path: str | os.PathLike, title: st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from vqim.checkpoint import atomic_write
-
     c = counts.double().sort(descending=True).values.numpy()
     used = int((c > 0).sum())
     fig, ax = plt.subplots(figsize=(7, 3.5), dpi=110)
@@ -236,3 +249,291 @@ def usage_histogram_png(counts: torch.Tensor, path: str | os.PathLike, title: st
     path = Path(path)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------- processes
+@dataclass(frozen=True)
+class Processes:
+    """Where this process evaluates and whether it shares the work with others.
+
+    Attributes:
+        device: this process's device.
+        main: whether this process writes results (the only one that does).
+        distributed: whether an initialised process group splits the evaluation set.
+    """
+
+    device: torch.device
+    main: bool = True
+    distributed: bool = False
+
+
+def evaluation_processes(device: str | torch.device = "auto") -> Processes:
+    """One process on `device`, or, under `accelerate launch` / torchrun (WORLD_SIZE > 1), this process's share.
+
+    Launched, every process joins the group (gloo on CPU-only machines, as the trainers do: Accelerate's
+    `cpu=True`) and evaluates on the device the launcher gave it; only the main process should write.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        state = PartialState(cpu=not torch.cuda.is_available())
+        return Processes(torch.device(state.device), state.is_main_process, state.num_processes > 1)
+    return Processes(resolve_device(device))
+
+
+# ---------------------------------------------------------------------------------------------- commands
+@dataclass(kw_only=True)
+class ReconstructConfig:
+    """What `vqim reconstruct` does.
+
+    Args:
+        tokenizer: tokenizer folder (written by save_pretrained / train-tokenizer).
+        images: image files.
+        out: folder for the side-by-side PNGs (NAME_reconstruction.png: input left, reconstruction right).
+        size: side of the centre crop (default: the tokenizer's image size).
+        device: cpu, cuda, or auto (cuda when available).
+    """
+
+    tokenizer: str
+    images: list[str] = option(positional=True)
+    out: str
+    size: int | None = None
+    device: str = "auto"
+
+
+def load_center_crop(path: str | os.PathLike, size: int) -> torch.Tensor:
+    """An image file as (3, size, size) in [0, 1]: shorter side resized to size (bicubic), central square crop.
+
+    The evaluation sets' preprocessing (`vqim.data`, without augmentation). Raises FileNotFoundError for a
+    missing file and another exception for an unreadable one.
+    """
+    import numpy as np
+
+    from vqim.data import _crop, load_rgb, resize_shorter, to_tensor
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    return to_tensor(_crop(np.asarray(resize_shorter(load_rgb(path), size)), size, None, False))
+
+
+@torch.no_grad()
+def reconstruct_files(
+    tok: Tokenizer, paths: list[str], out: str | os.PathLike, size: int | None = None
+) -> dict[str, dict[str, Any]]:
+    """Reconstruct image files; write NAME_reconstruction.png (input | reconstruction) per file under out.
+
+    Unreadable files are skipped with a warning; a missing one is an error.
+
+    Args:
+        tok: the tokenizer (eval mode); images go to its device.
+        paths: image files.
+        out: output folder.
+        size: centre-crop side (default: the tokenizer's image size).
+
+    Returns:
+        path → {"psnr": dB (3 decimals), "png": the written file}.
+    """
+    from torchvision.utils import save_image
+
+    size = size or tok.config.image_size
+    device = next(tok.parameters()).device
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        try:
+            x = load_center_crop(path, size)[None].to(device)
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any decoding error: skip the file, say so
+            log.warning("skipping unreadable image %s (%s)", path, e)
+            continue
+        rec = tok.decode(tok.encode(x))
+        png = out / f"{Path(path).stem}_reconstruction.png"
+        pair = torch.cat([x, rec], dim=3)[0].cpu()
+        atomic_write(png, lambda tmp, pair=pair: save_image(pair, tmp, format="png"))
+        result[str(path)] = {"psnr": round(float(psnr(rec, x)[0]), 3), "png": str(png)}
+    return result
+
+
+def reconstruct(cfg: ReconstructConfig) -> dict[str, dict[str, Any]]:
+    """Load cfg.tokenizer and `reconstruct_files` cfg.images into cfg.out."""
+    tok = Tokenizer.from_pretrained(cfg.tokenizer, device=cfg.device)
+    return reconstruct_files(tok, cfg.images, cfg.out, cfg.size)
+
+
+@dataclass(kw_only=True)
+class EvalTokenizerConfig:
+    """What `vqim eval-tokenizer` does.
+
+    Args:
+        tokenizer: tokenizer folder (written by save_pretrained / train-tokenizer).
+        data: image folder, .npy/.npz array, or built-in (photos, digits: their held-out split).
+        out: also write metrics.json and usage_histogram.png here.
+        image_size: evaluation image size (default: the tokenizer's).
+        batch_size: images per batch (per process).
+        num_workers: DataLoader workers.
+        progress: show a progress bar.
+        lpips: LPIPS distance: auto (measured when the VGG16 and LPIPS weights are found), on (a missing file
+            is an error) or off.
+        fid: rFID and Inception Score: auto, on or off, as for lpips.
+        vgg_weights: VGG16 weights for LPIPS (default: torch hub cache).
+        lpips_weights: LPIPS linear heads (default: the lpips package's).
+        inception_weights: torch-fidelity InceptionV3 weights (.pth or .safetensors; default: torch hub cache).
+        device: cpu, cuda, or auto (cuda when available); under accelerate launch, each process's own.
+    """
+
+    tokenizer: str
+    data: str
+    out: str | None = None
+    image_size: int | None = None
+    batch_size: int = 32
+    num_workers: int = 0
+    progress: bool = True
+    lpips: Literal["auto", "on", "off"] = "auto"
+    fid: Literal["auto", "on", "off"] = "auto"
+    vgg_weights: str | None = None
+    lpips_weights: str | None = None
+    inception_weights: str | None = None
+    device: str = "auto"
+
+
+def run_eval_tokenizer(cfg: EvalTokenizerConfig) -> dict[str, Any] | None:
+    """Evaluate on one process or all launched ones; the main process writes cfg.out and gets the metrics.
+
+    Returns the metrics (with `not_measured`: metric → why, for what the weights did not allow) on the main
+    process, None on the others.
+    """
+    from vqim.data import build_dataset
+
+    procs = evaluation_processes(cfg.device)
+    tok = Tokenizer.from_pretrained(cfg.tokenizer, device=procs.device)
+    ds = build_dataset(cfg.data, cfg.image_size or tok.config.image_size, train=False)
+    lp, inc, notes = optional_metric_models(
+        cfg.vgg_weights, cfg.lpips_weights, cfg.inception_weights, cfg.lpips, cfg.fid, procs.device
+    )
+    res, counts = evaluate_tokenizer(
+        tok, ds, cfg.batch_size, cfg.num_workers, procs.device, progress=cfg.progress and procs.main,
+        return_counts=True, lpips_model=lp, inception=inc, distributed=procs.distributed,
+    )  # fmt: skip
+    if notes:
+        res["not_measured"] = notes
+    if not procs.main:
+        return None
+    if cfg.out:
+        out = Path(cfg.out)
+        write_json(out / "metrics.json", res)
+        usage_histogram_png(counts, out / "usage_histogram.png")
+    return res
+
+
+@dataclass(kw_only=True)
+class EvalPriorConfig:
+    """What `vqim eval-prior` does.
+
+    Args:
+        prior: prior folder (written by train-prior).
+        tokens: token folder to score (written by `vqim encode` with the prior's tokenizer).
+        val_every: score only the held-out sequences of --tokens, every N-th one, as train-prior holds them
+            out (its --val-every, 20 by default); 0 scores every sequence.
+        batch_size: sequences per forward pass.
+        tokenizer: with --data digits, also sample every class and score the samples with a classifier of
+            real digits (the tokenizer whose tokens the prior was trained on).
+        data: labelled built-in data for the sample classifier: digits.
+        samples_per_class: samples generated and scored per class.
+        sampling: sampling settings for the scored samples.
+        device: cpu, cuda, or auto (cuda when available).
+    """
+
+    prior: str
+    tokens: str
+    val_every: int = 0
+    batch_size: int = 64
+    tokenizer: str | None = None
+    data: Literal["digits"] | None = None
+    samples_per_class: int = 20
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    device: str = "auto"
+
+
+def evaluate_prior(cfg: EvalPriorConfig) -> dict[str, Any]:
+    """Bits per token of cfg.tokens under the prior; with a tokenizer and digits, sample accuracy too."""
+    from vqim.classifier import digits_classifier, sample_accuracy
+    from vqim.prior import Prior, bits_per_token, load_prior_and_tokenizer
+    from vqim.tokens import TokenDataset, check_tokens_match, read_prior_tokens
+
+    if (cfg.tokenizer is None) != (cfg.data is None):
+        raise ValueError("sample accuracy needs both a tokenizer and --data digits (or neither)")
+    device = resolve_device(cfg.device)
+    if cfg.tokenizer is not None:
+        prior, tok = load_prior_and_tokenizer(cfg.prior, cfg.tokenizer, device)
+    else:
+        prior, tok = Prior.from_pretrained(cfg.prior, device=device), None
+    ds = TokenDataset(cfg.tokens, split="val" if cfg.val_every > 0 else "all", val_every=cfg.val_every)
+    ds.check_compatible(prior.config.vocab_size, tuple(prior.config.grid_size))
+    trained_on = read_prior_tokens(cfg.prior)
+    if trained_on is not None:
+        check_tokens_match(
+            trained_on, ds.manifest, f"the prior in {cfg.prior} was trained on tokens of",
+            f"the tokens in {cfg.tokens} were written by", "score tokens written by the prior's tokenizer",
+        )  # fmt: skip
+    result = {
+        "bits_per_token": bits_per_token(prior, ds, cfg.batch_size, device=device),
+        "sequences": len(ds),
+    }
+    if tok is not None:
+        clf = digits_classifier(tok.config.image_size)
+        result.update(sample_accuracy(tok, prior, clf, cfg.samples_per_class, cfg.sampling))
+    return result
+
+
+@dataclass(kw_only=True)
+class ProbeConfig:
+    """What `vqim probe` does (the protocol: `vqim.probe`).
+
+    Args:
+        prior: prior folder (written by train-prior).
+        tokenizer: the tokenizer folder whose tokens the prior was trained on.
+        data: labelled data: digits, a folder with class sub-folders, or .npz.
+        out: folder for probe_results.json, accuracy_by_block.png, the chosen probe and cached features.
+        test_data: labelled test images (default: the built-in test split, or every fifth image of --data).
+        labels_csv: labels for an image folder: CSV with columns path,label.
+        blocks: 'all' or comma-separated 0-based block indices.
+        baselines: baselines fitted by the same protocol: the tokenizer encoder's pooled features, raw pixels
+            (none: `--baselines` alone).
+        seed: validation split and probe initialisation seed.
+        device: cpu, cuda, or auto (cuda when available).
+    """
+
+    prior: str
+    tokenizer: str
+    data: str
+    out: str
+    test_data: str | None = None
+    labels_csv: str | None = None
+    blocks: str = "all"
+    baselines: tuple[Literal["encoder", "pixels"], ...] = option(("encoder", "pixels"), nargs="*")
+    seed: int = 0
+    device: str = "auto"
+
+
+def linear_probe(cfg: ProbeConfig) -> dict[str, Any]:
+    """Load the checked prior + tokenizer pair, split the data, run `vqim.probe.run_probe`; the summary."""
+    from vqim.prior import load_prior_and_tokenizer
+    from vqim.probe import probe_splits, run_probe
+
+    device = resolve_device(cfg.device)
+    prior, tok = load_prior_and_tokenizer(cfg.prior, cfg.tokenizer, device)
+    try:
+        blocks = None if cfg.blocks == "all" else [int(v) for v in cfg.blocks.split(",")]
+    except ValueError:
+        raise ValueError(f"blocks must be 'all' or comma-separated integers, got {cfg.blocks!r}") from None
+    if blocks is not None and any(not 0 <= b < prior.config.depth for b in blocks):
+        raise ValueError(f"blocks must be in [0, {prior.config.depth}), got {blocks}")
+    train, test, names = probe_splits(cfg.data, tok.config.image_size, cfg.test_data, cfg.labels_csv)
+    res = run_probe(
+        prior, tok, train, test, cfg.out, blocks=blocks, class_names=names, device=device, seed=cfg.seed,
+        baselines=cfg.baselines,
+    )  # fmt: skip
+    res.pop("details", None)
+    return res

@@ -31,6 +31,7 @@ import collections.abc
 import dataclasses
 import functools
 import inspect
+import os
 import pathlib
 import re
 import types
@@ -56,6 +57,7 @@ def option(
     nargs: str | int | None = None,
     const: Any = _UNSET,
     positional: bool = False,
+    parse: Callable[[Any], Any] | None = None,
 ) -> Any:
     """A dataclass field with command-line details (all optional; the docstring gives the help by default).
 
@@ -72,6 +74,8 @@ def option(
         negatable: for booleans, also accept `--no-NAME` (False: a plain on-switch).
         nargs, const: as for argparse, e.g. nargs="?" with const="default" for `--compile [MODE]`.
         positional: a positional argument instead of a flag.
+        parse: turns the string(s) given on the command line into the field's value (for types with no
+            command-line form, e.g. `KEY=VALUE` items into a dict); a ValueError is a usage error.
     """
     meta = {
         "help": help,
@@ -85,6 +89,7 @@ def option(
         "nargs": nargs,
         "const": const,
         "positional": positional,
+        "parse": parse,
     }
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
@@ -211,29 +216,28 @@ def _kwargs_for(
     else:
         kw["default"] = default
     origin = typing.get_origin(tp)
-    if tp is bool:
+    if meta.get("parse") is not None:
+        kw["type"], kw["action"] = str, _parsing_action(meta["parse"])
+    elif tp is bool:
         kw["action"] = argparse.BooleanOptionalAction if meta.get("negatable", True) else "store_true"
-    elif origin is Literal:
-        values = typing.get_args(tp)
-        kw["choices"] = list(values)
-        kw["type"] = type(values[0])
     elif origin is tuple:
         args = typing.get_args(tp)
         if len(args) == 2 and args[1] is Ellipsis:
-            kw["nargs"], kw["type"] = "+", args[0]
+            kw["nargs"] = "+"
         else:
             if len(set(args)) != 1:
                 raise TypeError(f"option {f.name}: a tuple option takes values of one type, got {tp!r}")
-            kw["nargs"], kw["type"] = len(args), args[0]
+            kw["nargs"] = len(args)
+        kw.update(_item(f, args[0]))
+        if isinstance(kw["nargs"], int) and "choices" not in kw:
             kw["metavar"] = _tuple_metavar(f.name, len(args))
         kw["action"] = _TupleAction
     elif origin in (list, collections.abc.Sequence):
         (item,) = typing.get_args(tp)
-        kw["nargs"], kw["type"] = "+", item
-    elif tp in (int, float, str, pathlib.Path):
-        kw["type"] = tp
+        kw["nargs"] = "+"
+        kw.update(_item(f, item))
     else:
-        raise TypeError(f"option {f.name}: type {tp!r} has no command-line form; declare it with cli=False")
+        kw.update(_item(f, tp))
     for key in ("choices", "metavar", "nargs"):
         if meta.get(key) is not None:
             kw[key] = list(meta[key]) if key == "choices" else meta[key]
@@ -242,16 +246,44 @@ def _kwargs_for(
     text = help_text.strip()
     shown = default_text or meta.get("default_text")
     if shown is None and default not in (_UNSET, None) and kw.get("action") != "store_true":
-        shown = _show(default)
-    if shown:
+        shown = _show(default) if default not in ({}, (), []) else None
+    if shown and "(default:" not in text:  # a help text may say its default itself
         text = f"{text} (default: {shown})"
     kw["help"] = text.replace("%", "%%")
     return kw
 
 
+_PATHS = (str, pathlib.Path, os.PathLike)
+
+
+def _item(f: dataclasses.Field, tp: Any) -> dict[str, Any]:
+    """type (and choices) for one value of type tp."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and all(
+        a in _PATHS or typing.get_origin(a) in _PATHS for a in typing.get_args(tp)
+    ):
+        return {"type": str}  # `str | os.PathLike`: a path, given as a string
+    if typing.get_origin(tp) is Literal:
+        values = typing.get_args(tp)
+        return {"type": type(values[0]), "choices": list(values)}
+    if tp in (int, float, str, pathlib.Path):
+        return {"type": tp}
+    raise TypeError(f"option {f.name}: type {tp!r} has no command-line form; declare it with cli=False")
+
+
 class _TupleAction(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):  # noqa: D102
         setattr(namespace, self.dest, tuple(values))
+
+
+def _parsing_action(parse: Callable[[Any], Any]) -> type[argparse.Action]:
+    class _Parse(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):  # noqa: D102
+            try:
+                setattr(namespace, self.dest, parse(values))
+            except ValueError as e:
+                raise argparse.ArgumentError(self, str(e)) from None
+
+    return _Parse
 
 
 def add_options(

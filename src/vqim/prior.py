@@ -19,7 +19,7 @@ import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,9 @@ from torch import nn
 from vqim.checkpoint import PretrainedMixin
 from vqim.config import PriorConfig, get_prior_config
 from vqim.nn.transformer import KVCache, Transformer
+
+if TYPE_CHECKING:
+    from vqim.tokenizer import Tokenizer
 
 LabelsLike = torch.Tensor | int | Iterable[int] | None
 
@@ -345,4 +348,42 @@ def nats_to_bits(x: torch.Tensor | float) -> torch.Tensor | float:
     return x / math.log(2)
 
 
-__all__ = ["Prior", "PriorOutput", "nats_to_bits"]
+def load_prior_and_tokenizer(
+    prior_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[Prior, Tokenizer]:
+    """Load a prior and the tokenizer it samples through, refusing a tokenizer that cannot be the right one.
+
+    The tokenizer must be the one whose tokens the prior was trained on (by weights and config, as the prior's
+    tokens.json records it; see `vqim.tokens.check_tokens_match`), and its codebook and token grid must match
+    the prior's vocabulary and grid.
+
+    Args:
+        prior_dir: folder written by `train-prior` (or `save_pretrained`).
+        tokenizer_dir: tokenizer folder.
+        device: where to load both ("auto": CUDA when available).
+
+    Raises:
+        vqim.tokens.TokenizerMismatchError: the prior was trained on another tokenizer's tokens.
+        ValueError: the tokenizer's codebook or grid does not fit the prior.
+    """
+    from vqim.tokenizer import Tokenizer
+    from vqim.tokens import check_tokens_match, read_prior_tokens
+
+    prior = Prior.from_pretrained(prior_dir, device=device)
+    tok = Tokenizer.from_pretrained(tokenizer_dir, device=device)
+    record = read_prior_tokens(prior_dir)
+    if record is not None:
+        check_tokens_match(
+            record, tok, f"the prior in {prior_dir} was trained on tokens of", f"{tokenizer_dir} is",
+            "pass the tokenizer that `vqim encode` used for the prior's training tokens",
+        )  # fmt: skip
+    if tok.config.codebook_size != prior.config.vocab_size or tuple(tok.grid_size) != prior.grid_size:
+        raise ValueError(
+            f"the tokenizer in {tokenizer_dir} ({tok.config.codebook_size} codes, grid {tuple(tok.grid_size)}) "
+            f"does not fit the prior in {prior_dir} (vocabulary {prior.config.vocab_size}, grid "
+            f"{prior.grid_size})"
+        )
+    return prior, tok
+
+
+__all__ = ["Prior", "PriorOutput", "load_prior_and_tokenizer", "nats_to_bits"]

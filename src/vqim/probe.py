@@ -312,3 +312,34 @@ def plot_accuracy(summary: dict[str, Any], path: Path) -> None:
 
 
 __all__ = ["extract_features", "fit_linear_probe", "LinearProbe", "run_probe"]
+
+
+def probe_splits(
+    data: str, image_size: int, test_data: str | None = None, labels_csv: str | None = None
+) -> tuple[Dataset, Dataset, list[str] | None]:
+    """(train set, test set, class names) for the probe, all without augmentation.
+
+    A built-in dataset (digits) gives its own train and test splits; otherwise `test_data` is the test set,
+    or, without it, every fifth image of `data` (indices 0, 5, 10, ...) is held out for testing.
+
+    Args:
+        data: labelled data: a built-in name, a folder with class sub-folders (or `labels_csv`), or a .npz.
+        image_size: the tokenizer's image size.
+        test_data: a separate labelled test set (same forms as data).
+        labels_csv: labels for image folders: a CSV with columns path,label.
+    """
+    from torch.utils.data import Subset
+
+    from vqim.data import BUILTIN, build_dataset
+
+    kw = {"augment": False, "labels_csv": labels_csv}
+    if data in BUILTIN:
+        train = build_dataset(data, image_size, train=True, augment=False)
+        return train, build_dataset(data, image_size, train=False), train.class_names
+    if test_data is not None:
+        train = build_dataset(data, image_size, train=True, **kw)
+        return train, build_dataset(test_data, image_size, train=False, **kw), train.class_names
+    full = build_dataset(data, image_size, train=False, **kw)
+    idx = range(len(full))
+    train = Subset(full, [i for i in idx if i % 5 != 0])
+    return train, Subset(full, [i for i in idx if i % 5 == 0]), full.class_names

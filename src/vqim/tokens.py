@@ -1,25 +1,92 @@
 """Token shards: what `vqim encode` writes and the prior reads.
 
 Layout of a token folder:
-    manifest.json                 grid size, codebook size, tokenizer config hash, count, shard list
+    manifest.json                 grid size, codebook size, tokenizer identity, count, shard list
     tokens-00000.npy ...          ids, (n, h, w), uint16 when the codebook fits, else int32
     labels-00000.npy ...          int64 labels (only when the data has labels)
+
+Tokenizer identity. Token ids mean something only to the tokenizer that wrote them, so the manifest records
+`tokenizer_id` (`Tokenizer.fingerprint()`: a hash of the weights and the config) beside the older
+`tokenizer_config_hash` (the config alone: a retrained tokenizer of the same config hashes equal). A prior's
+`tokens.json` copies both. `check_tokens_match` compares the strongest identity both sides carry, so folders
+written before `tokenizer_id` existed are still read (and checked by config only).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vqim.checkpoint import atomic_write, write_json
+from vqim.checkpoint import atomic_write, read_json, resolve_device, write_json
+from vqim.options import option
 from vqim.tokenizer import Tokenizer
 
+log = logging.getLogger(__name__)
+
 MANIFEST = "manifest.json"
+PRIOR_TOKENS = "tokens.json"  # in a prior's folder: what it was trained on
+
+
+class TokenizerMismatchError(ValueError):
+    """Token ids (or a prior trained on them) meet a tokenizer other than the one that wrote them."""
+
+
+def tokenizer_identity(source: Tokenizer | Mapping[str, Any]) -> dict[str, str]:
+    """{"tokenizer_id", "tokenizer_config_hash"} of a tokenizer, or those a manifest / tokens.json records."""
+    if isinstance(source, Tokenizer):
+        return {"tokenizer_id": source.fingerprint(), "tokenizer_config_hash": source.config.hash()}
+    return {k: source[k] for k in ("tokenizer_id", "tokenizer_config_hash") if source.get(k)}
+
+
+def check_tokens_match(
+    expected: Tokenizer | Mapping[str, Any],
+    found: Tokenizer | Mapping[str, Any],
+    expected_desc: str,
+    found_desc: str,
+    advice: str = "pass the tokenizer that `vqim encode` used for these tokens",
+) -> None:
+    """Raise TokenizerMismatchError unless both sides name the same tokenizer.
+
+    Each side is a `Tokenizer`, a token manifest or a prior's tokens.json. The weights-and-config identity
+    (`tokenizer_id`) is compared when both sides have it; otherwise the config hash (records written before
+    `tokenizer_id` existed), with a warning that other weights of the same config would pass.
+
+    Args:
+        expected, found: the two sides.
+        expected_desc, found_desc: how the message names them, each completed by "tokenizer <id>", e.g.
+            "the prior in runs/prior was trained on tokens of" and "runs/tok is".
+        advice: what the user should do, appended to the message.
+    """
+    a, b = tokenizer_identity(expected), tokenizer_identity(found)
+    key = next((k for k in ("tokenizer_id", "tokenizer_config_hash") if k in a and k in b), None)
+    if key is None:
+        return  # one side records nothing (a prior saved without tokens.json): nothing to compare
+    if key == "tokenizer_config_hash":
+        log.warning(
+            "tokenizer checked by its configuration only (a record written before vqim identified tokenizers by "
+            "their weights): a retrained tokenizer of the same configuration would pass"
+        )
+    if a[key] == b[key]:
+        return
+    same_config = a.get("tokenizer_config_hash") == b.get("tokenizer_config_hash")
+    why = " (the same configuration with other weights: a retrained tokenizer?)" if same_config else ""
+    raise TokenizerMismatchError(
+        f"{expected_desc} tokenizer {a[key][:12]}, but {found_desc} tokenizer {b[key][:12]}{why}; {advice}"
+    )
+
+
+def read_prior_tokens(prior_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """A prior folder's tokens.json (what the prior was trained on), or None for a prior saved without one."""
+    path = Path(prior_dir) / PRIOR_TOKENS
+    return read_json(path, what="prior tokens record") if path.is_file() else None
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
@@ -107,7 +174,8 @@ def encode_dataset(
         "format": "vqim-tokens/1",
         "grid_size": list(grid),
         "codebook_size": tok.config.codebook_size,
-        "tokenizer_config_hash": tok.config.hash(),
+        **tokenizer_identity(tok),
+        "tokenizer_dir": str(tok.pretrained_dir) if tok.pretrained_dir is not None else None,
         "tokenizer_config": tok.config.to_dict(),
         "image_size": tok.config.image_size,
         "count": count,
@@ -138,8 +206,6 @@ def load_ids(path: str | os.PathLike) -> np.ndarray:
 
 def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     """Read and check a token folder's manifest.json."""
-    from vqim.checkpoint import read_json
-
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"token folder not found: {directory} (write one with `vqim encode`)")
@@ -219,9 +285,23 @@ class TokenDataset(Dataset):
         return {"tokens": tokens, "label": label}
 
     def check_compatible(
-        self, vocab_size: int, grid_size: tuple[int, int], tokenizer_hash: str | None = None
+        self,
+        vocab_size: int,
+        grid_size: tuple[int, int],
+        tokenizer_hash: str | None = None,
+        tokenizer_id: str | None = None,
     ) -> None:
-        """Raise a clear ValueError when these tokens cannot feed a prior of this vocabulary and grid."""
+        """Raise a clear ValueError when these tokens cannot feed a prior of this vocabulary and grid, or were
+        written by another tokenizer than the one given (by `tokenizer_id`, else by config hash)."""
+        if tokenizer_id is not None and self.manifest.get("tokenizer_id"):
+            check_tokens_match(
+                {"tokenizer_id": tokenizer_id},
+                self.manifest,
+                "the other token folder was written by",
+                f"the tokens in {self.directory} were written by",
+                "re-encode the data with the tokenizer the prior is trained for",
+            )
+            tokenizer_hash = None
         if self.codebook_size != vocab_size:
             raise ValueError(
                 f"tokens in {self.directory} come from a codebook of {self.codebook_size} codes, but the prior's "
@@ -237,6 +317,95 @@ class TokenDataset(Dataset):
                 f"tokens in {self.directory} were written by tokenizer {found}, not by {tokenizer_hash}; "
                 "re-encode the data with the tokenizer the prior is trained for"
             )
+
+
+@dataclass(kw_only=True)
+class EncodeConfig:
+    """What `vqim encode` does: a dataset to token shards + manifest.
+
+    Args:
+        tokenizer: tokenizer folder (written by save_pretrained / train-tokenizer).
+        data: image folder (class sub-folders become labels), .npy/.npz array, or built-in: photos, digits.
+        out: token folder to write.
+        split: split of a built-in dataset to encode (folders and arrays: all of it).
+        image_size: centre-crop side (default: the tokenizer's image size).
+        labels_csv: labels for an image folder: CSV with columns path,label.
+        batch_size: images per encoder batch.
+        shard_size: sequences per shard file.
+        num_workers: DataLoader workers.
+        progress: show a progress bar.
+        device: cpu, cuda, or auto (cuda when available).
+    """
+
+    tokenizer: str
+    data: str
+    out: str
+    split: Literal["train", "eval"] = "train"
+    image_size: int | None = None
+    labels_csv: str | None = None
+    batch_size: int = 64
+    shard_size: int = 8192
+    num_workers: int = 0
+    progress: bool = True
+    device: str = "auto"
+
+
+def encode_to_folder(cfg: EncodeConfig) -> dict[str, Any]:
+    """Encode cfg.data (centre crops, no augmentation) with the tokenizer in cfg.tokenizer; returns the manifest."""
+    from vqim.data import build_dataset
+
+    device = resolve_device(cfg.device)
+    tok = Tokenizer.from_pretrained(cfg.tokenizer, device=device)
+    size = cfg.image_size or tok.config.image_size
+    ds = build_dataset(cfg.data, size, train=cfg.split == "train", augment=False, labels_csv=cfg.labels_csv)
+    return encode_dataset(
+        tok, ds, cfg.out, batch_size=cfg.batch_size, shard_size=cfg.shard_size, num_workers=cfg.num_workers,
+        device=device, progress=cfg.progress,
+    )  # fmt: skip
+
+
+@dataclass(kw_only=True)
+class DecodeConfig:
+    """What `vqim decode` does: a .npy of token ids to one PNG per image.
+
+    Args:
+        tokenizer: tokenizer folder (written by save_pretrained / train-tokenizer).
+        ids: .npy file of integer ids, (n, h, w) or (h, w); in a `vqim encode` folder, its manifest must name
+            this tokenizer.
+        out: folder for the PNGs (000000.png, ...).
+        batch_size: token grids per decoder batch.
+        device: cpu, cuda, or auto (cuda when available).
+    """
+
+    tokenizer: str
+    ids: str = option(positional=True)
+    out: str
+    batch_size: int = 64
+    device: str = "auto"
+
+
+@torch.no_grad()
+def decode_to_folder(cfg: DecodeConfig) -> dict[str, Any]:
+    """Decode every token grid of cfg.ids to a PNG in cfg.out; returns {"images": count, "out": folder}."""
+    from torchvision.utils import save_image
+
+    device = resolve_device(cfg.device)
+    tok = Tokenizer.from_pretrained(cfg.tokenizer, device=device)
+    ids = torch.from_numpy(load_ids(cfg.ids).astype(np.int64))
+    folder = Path(cfg.ids).parent
+    if (folder / MANIFEST).is_file():
+        check_tokens_match(
+            read_manifest(folder), tok, f"the tokens in {folder} were written by", f"{cfg.tokenizer} is"
+        )
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for start in range(0, ids.shape[0], cfg.batch_size):
+        images = tok.decode(ids[start : start + cfg.batch_size].to(device)).cpu()
+        for i, im in enumerate(images):
+            atomic_write(out / f"{start + i:06d}.png", lambda tmp, im=im: save_image(im, tmp, format="png"))
+            n += 1
+    return {"images": n, "out": str(out)}
 
 
 def collate_tokens(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
