@@ -135,10 +135,10 @@ def stage2(out: Path, steps: int | None, progress: bool) -> dict[str, Any]:
 
     from vqim.classifier import fit_sample_classifier, sample_accuracy
     from vqim.config import SamplingConfig
-    from vqim.prior import Prior
+    from vqim.prior import Prior, bits_per_token
     from vqim.sampling import generate_images
     from vqim.tokens import encode_dataset
-    from vqim.train.prior import PriorTrainConfig, evaluate_bits_per_token, train_prior
+    from vqim.train.prior import PriorTrainConfig, train_prior
 
     t0 = time.perf_counter()
     tok = Tokenizer.from_pretrained(out / "tokenizer")
@@ -159,7 +159,7 @@ def stage2(out: Path, steps: int | None, progress: bool) -> dict[str, Any]:
     from vqim.tokens import TokenDataset
 
     test_tokens = TokenDataset(out / "digits_tokens_test")
-    bits = evaluate_bits_per_token(prior, test_tokens)
+    bits = bits_per_token(prior, test_tokens)
 
     # Samples: a row per class.
     per_row = 8
@@ -205,7 +205,9 @@ def stage3(out: Path) -> dict[str, Any]:
     prior = Prior.from_pretrained(out / "prior")
     size = tok.config.image_size
     train, test = build_dataset("digits", size, train=True), build_dataset("digits", size, train=False)
-    res = run_probe(prior, tok, train, test, out / "probe", class_names=train.class_names)
+    res = run_probe(
+        prior, tok, train, test, out / "probe", class_names=train.class_names, baselines=["encoder", "pixels"]
+    )
     res.pop("details")
     res["seconds"] = round(time.perf_counter() - t0, 1)
     return res

@@ -116,8 +116,9 @@ class PriorTrainer(Trainer):
         for d in (self.train_set, self.val_set):
             if d is not None:
                 d.check_compatible(
-                    pcfg.vocab_size, tuple(pcfg.grid_size), ds.manifest["tokenizer_config_hash"]
-                )
+                    pcfg.vocab_size, tuple(pcfg.grid_size), ds.manifest.get("tokenizer_config_hash"),
+                    tokenizer_id=ds.manifest.get("tokenizer_id"),
+                )  # fmt: skip
         self.seq_len = ds.grid_size[0] * ds.grid_size[1]
         self.val_bits: float | None = None
         return model
