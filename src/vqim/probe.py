@@ -4,23 +4,28 @@ Protocol:
 - Images are tokenized; the frozen prior (eval mode, no dropout, no gradients) reads each token sequence.
   A class-conditional prior is given its null class, so the true label never enters the features.
 - Each chosen block's output (before the final LayerNorm) is average-pooled over all token positions → (N, D).
-- Per block, a linear softmax classifier is trained on standardised features (statistics of the training
-  part only) with full-batch L-BFGS; its L2 weight is chosen on a validation split carved from the training
+- Per block, a linear softmax classifier is trained on standardised features (statistics of the rows it is
+  fitted on) with full-batch L-BFGS; its L2 weight is chosen on a validation split carved from the training
   data (never the test split), then it is refitted on all training data and evaluated once on the test split.
 - The block to report is chosen by validation accuracy as well; test accuracy is reported for every block.
-Baselines from the same protocol: the tokenizer encoder's pooled features, and raw pixels.
+Optional baselines from the same protocol (`baselines=`): the tokenizer encoder's pooled features ("encoder")
+and raw pixels ("pixels").
+
+Fitting: the L2 weights form a path, strongest first; each fit (scipy's L-BFGS-B, exact gradient) starts from
+the previous weight's solution, and the refit on all training data starts from the chosen weight's solution.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from vqim.checkpoint import read_json, save_tensors, write_json
@@ -31,6 +36,18 @@ from vqim.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 WEIGHT_DECAYS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+BASELINES = ("encoder", "pixels")
+GTOL = 1e-5  # L-BFGS stops when every gradient component of the (mean) loss is below this
+
+
+def check_baselines(baselines: Collection[str]) -> tuple[str, ...]:
+    """The baseline names in canonical order; a ValueError for anything but a list/tuple/set of known names."""
+    known = isinstance(baselines, list | tuple | set | frozenset) and all(
+        isinstance(b, str) and b in BASELINES for b in baselines
+    )
+    if not known:
+        raise ValueError(f"baselines must be a list of names from {list(BASELINES)}, got {baselines!r}")
+    return tuple(b for b in BASELINES if b in baselines)
 
 
 @torch.no_grad()
@@ -41,7 +58,7 @@ def extract_features(
     blocks: list[int] | None = None,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
-    baselines: bool = True,
+    baselines: Collection[str] = (),
 ) -> dict[str, torch.Tensor]:
     """Average-pooled features of every image in dataset.
 
@@ -52,20 +69,21 @@ def extract_features(
         blocks: 0-based prior block indices (None: all).
         batch_size: images per batch.
         device: where to run.
-        baselines: also return "encoder" (the tokenizer encoder's pooled outputs) and "pixels" (raw pixels).
+        baselines: names from BASELINES to return as well: "encoder" (the tokenizer encoder's pooled outputs),
+            "pixels" (raw pixels).
 
     Returns:
-        {"block{k}": (N, D) float32 for each block, "encoder": (N, enc_dim), "pixels": (N, 3·H·W),
-         "labels": (N,) int64}, all on the CPU.
+        {"block{k}": (N, D) float32 for each block, "labels": (N,) int64, and if asked "encoder": (N, enc_dim),
+         "pixels": (N, 3·H·W)}, all on the CPU.
     """
+    baselines = check_baselines(baselines)
     blocks = list(range(prior.config.depth)) if blocks is None else sorted(set(blocks))
     was_prior, was_tok = prior.training, tokenizer.training
     prior.eval().to(device)
     tokenizer.eval().to(device)
     out: dict[str, list[torch.Tensor]] = {f"block{k}": [] for k in blocks}
     out["labels"] = []
-    if baselines:
-        out["encoder"], out["pixels"] = [], []
+    out.update({name: [] for name in baselines})
     for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate):
         x = batch["image"].to(device)
         if x.numel() == 0:
@@ -76,8 +94,9 @@ def extract_features(
         res = prior(ids, labels, return_blocks=blocks)
         for k in blocks:
             out[f"block{k}"].append(res.blocks[k].float().mean(1).cpu())  # (B, D): mean over positions
-        if baselines:
+        if "encoder" in baselines:
             out["encoder"].append(z.float().mean(1).cpu())
+        if "pixels" in baselines:
             out["pixels"].append(x.flatten(1).float().cpu())
         out["labels"].append(batch["label"])
     prior.train(was_prior)
@@ -119,24 +138,64 @@ class LinearProbe:
         return cls(t["weight"], t["bias"], t["mean"], t["std"], float(cfg["weight_decay"]))
 
 
-def _train(
-    x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay: float, steps: int, seed: int
-) -> LinearProbe:
+def _fit_softmax(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    weight_decay: float,
+    max_iter: int,
+    init: np.ndarray | None = None,
+) -> tuple[LinearProbe, np.ndarray]:
+    """Softmax regression on x standardised by its own statistics, by L-BFGS-B from `init` (default: zeros).
+
+    Minimises mean cross-entropy + weight_decay/2 · ‖W‖² (the bias is not penalised) with the exact gradient,
+    in float64 on one thread: the many small sequential steps gain nothing from threads, and lose much on a
+    busy machine. Returns the probe and its flat parameters [W (C·D), b (C)], to start a related fit from.
+    """
+    from scipy.optimize import minimize
+    from threadpoolctl import threadpool_limits
+
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
-    xs = (x - mean) / std
+    xs = ((x - mean) / std).double().numpy()
+    labels = y.numpy()
+    n, d, c = xs.shape[0], xs.shape[1], num_classes
+    rows = np.arange(n)
+
+    def loss_and_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        w, b = theta[: c * d].reshape(c, d), theta[c * d :]
+        z = xs @ w.T + b
+        z -= z.max(1, keepdims=True)
+        log_norm = np.log(np.exp(z).sum(1))
+        loss = (log_norm - z[rows, labels]).mean() + 0.5 * weight_decay * (w * w).sum()
+        err = np.exp(z - log_norm[:, None])  # softmax minus one-hot, over n: d(mean loss)/d(logits)
+        err[rows, labels] -= 1
+        err /= n
+        return float(loss), np.concatenate([(err.T @ xs + weight_decay * w).ravel(), err.sum(0)])
+
+    x0 = np.zeros(c * (d + 1)) if init is None else init
+    with threadpool_limits(limits=1, user_api="blas"):
+        res = minimize(
+            loss_and_grad,
+            x0,
+            jac=True,
+            method="L-BFGS-B",
+            options={"maxiter": max_iter, "maxcor": 20, "gtol": GTOL},
+        )
+    theta = torch.from_numpy(res.x).float()
+    return LinearProbe(theta[: c * d].view(c, d), theta[c * d :], mean, std, weight_decay), res.x
+
+
+def _validation_mask(y: torch.Tensor, num_classes: int, val_fraction: float, seed: int) -> torch.Tensor:
+    """A seeded, class-stratified `val_fraction` of the rows (at least one per class present)."""
     g = torch.Generator().manual_seed(seed)
-    w = (torch.randn(num_classes, x.shape[1], generator=g) * 0.01).requires_grad_()
-    b = torch.zeros(num_classes, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(xs @ w.t() + b, y) + 0.5 * weight_decay * (w * w).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return LinearProbe(w.detach(), b.detach(), mean, std, weight_decay)
+    val = torch.zeros(len(y), dtype=torch.bool)
+    for k in range(num_classes):
+        idx = (y == k).nonzero().flatten()
+        if len(idx) == 0:
+            continue
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        val[idx[: max(1, int(round(val_fraction * len(idx))))]] = True
+    return val
 
 
 def fit_linear_probe(
@@ -145,40 +204,42 @@ def fit_linear_probe(
     num_classes: int | None = None,
     weight_decays: tuple[float, ...] = WEIGHT_DECAYS,
     val_fraction: float = 0.2,
-    steps: int = 200,
+    steps: int = 500,
     seed: int = 0,
 ) -> tuple[LinearProbe, dict[str, Any]]:
     """Fit a linear softmax probe on (x, y), choosing the L2 weight on a validation split of the training data.
 
-    The validation split is a seeded, class-stratified `val_fraction` of the rows; after the choice the probe is
-    refitted on all rows. Returns the probe and a report {"weight_decay", "val_accuracy", "val_by_weight_decay"}.
+    The validation split is a seeded, class-stratified `val_fraction` of the rows. The candidate weights are
+    fitted on the other rows, strongest first, each fit starting from the previous solution; the one with the
+    best validation accuracy is chosen (ties: the stronger), and the probe is refitted with it on all rows,
+    starting from its solution. Returns the probe and a report {"weight_decay", "val_accuracy",
+    "val_by_weight_decay"}.
 
     Args:
         x: training features (N, D).
         y: labels (N,) in [0, num_classes).
         num_classes: C (default: max label + 1).
-        weight_decays: candidate L2 weights.
+        weight_decays: candidate L2 weights (on the mean cross-entropy of standardised features).
         val_fraction: share of each class held out for the choice.
-        steps: L-BFGS iterations.
-        seed: makes the split and the initialisation deterministic.
+        steps: L-BFGS iterations at most, per fit.
+        seed: makes the split deterministic (the fits are deterministic given it).
     """
     x, y = x.float(), y.long()
     c = int(y.max()) + 1 if num_classes is None else num_classes
-    g = torch.Generator().manual_seed(seed)
-    val_mask = torch.zeros(len(y), dtype=torch.bool)
-    for k in range(c):
-        idx = (y == k).nonzero().flatten()
-        if len(idx) == 0:
-            continue
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        val_mask[idx[: max(1, int(round(val_fraction * len(idx))))]] = True
-    scores = {}
-    for wd in weight_decays:
-        probe = _train(x[~val_mask], y[~val_mask], c, wd, steps, seed)
-        scores[wd] = probe.accuracy(x[val_mask], y[val_mask])
-    best = max(weight_decays, key=lambda wd: (scores[wd], wd))  # ties: the stronger regularisation
-    probe = _train(x, y, c, best, steps, seed)
-    report = {"weight_decay": best, "val_accuracy": scores[best], "val_by_weight_decay": scores}
+    val = _validation_mask(y, c, val_fraction, seed)
+    scores: dict[float, float] = {}
+    solutions: dict[float, np.ndarray] = {}
+    start = None
+    for wd in sorted(set(weight_decays), reverse=True):  # the regularisation path, strongest first
+        probe, start = _fit_softmax(x[~val], y[~val], c, wd, steps, start)
+        scores[wd], solutions[wd] = probe.accuracy(x[val], y[val]), start
+    best = max(scores, key=lambda wd: (scores[wd], wd))  # ties: the stronger regularisation
+    probe, _ = _fit_softmax(x, y, c, best, steps, solutions[best])
+    report = {
+        "weight_decay": best,
+        "val_accuracy": scores[best],
+        "val_by_weight_decay": {wd: scores[wd] for wd in weight_decays},
+    }
     return probe, report
 
 
@@ -196,8 +257,23 @@ def run_probe(
     class_names: list[str] | None = None,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    baselines: Collection[str] = (),
 ) -> dict[str, Any]:
-    """The whole protocol; writes features (cache), probe.json results, a plot and the best probe under out."""
+    """The whole protocol; writes features (cache), probe.json results, a plot and the best probe under out.
+
+    Args:
+        prior, tokenizer: the frozen pair.
+        train_set, test_set: labelled images; the probe is fitted (and validated) on train_set only.
+        out: output folder.
+        blocks: 0-based prior blocks to probe (None: all).
+        class_names: names for reports and the saved probe.
+        device: where to extract features.
+        seed: validation split seed.
+        baselines: a list of names from BASELINES fitted by the same protocol besides the blocks: "encoder"
+            (the tokenizer encoder's pooled features), "pixels" (raw pixels); default none. The summary
+            records them under "baselines_requested" and their test accuracies under "baselines".
+    """
+    baselines = check_baselines(baselines)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cache = out / "features"
@@ -209,14 +285,19 @@ def run_probe(
         "prior_weights": float(sum(p.detach().double().sum() for p in prior.parameters())),
     }
     feats = _load_cache(cache, key)
+    if feats is not None and any(f"train.{b}" not in feats or f"test.{b}" not in feats for b in baselines):
+        feats = None  # cached without a baseline asked for now
     if feats is None:
-        tr = extract_features(prior, tokenizer, train_set, blocks, device=device)
-        te = extract_features(prior, tokenizer, test_set, blocks, device=device)
+        tr = extract_features(prior, tokenizer, train_set, blocks, device=device, baselines=baselines)
+        te = extract_features(prior, tokenizer, test_set, blocks, device=device, baselines=baselines)
         feats = {**{f"train.{k}": v for k, v in tr.items()}, **{f"test.{k}": v for k, v in te.items()}}
         save_tensors(cache / "features.safetensors", feats)
         write_json(cache / "key.json", key)
+    unasked = {f"{split}.{b}" for split in ("train", "test") for b in BASELINES if b not in baselines}
+    feats = {k: v for k, v in feats.items() if k not in unasked}  # a cache may hold baselines not asked for
     summary, probes = probe_features(feats, class_names, seed)
     summary["depth"] = prior.config.depth
+    summary["baselines_requested"] = list(baselines)
     chosen = f"block{summary['chosen_block']}"
     names = class_names or [str(i) for i in range(len(summary["class_counts"]["train"]))]
     probes[chosen].save(out / "probe", {"block": summary["chosen_block"], "classes": names})
@@ -228,12 +309,13 @@ def run_probe(
 def probe_features(
     feats: dict[str, torch.Tensor], class_names: list[str] | None = None, seed: int = 0
 ) -> tuple[dict[str, Any], dict[str, LinearProbe]]:
-    """Fit a probe per feature source ("blockK", "encoder", "pixels") and choose the block on validation.
+    """Fit a probe per feature source in feats ("blockK", and "encoder", "pixels" where present); choose the
+    block on validation.
 
     Args:
         feats: "train.<source>" / "test.<source>" features and "train.labels" / "test.labels".
         class_names: names for error messages.
-        seed: split and initialisation seed.
+        seed: validation split seed.
     """
     y_tr, y_te = feats["train.labels"], feats["test.labels"]
     c = int(max(y_tr.max(), y_te.max())) + 1
@@ -311,7 +393,7 @@ def plot_accuracy(summary: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-__all__ = ["extract_features", "fit_linear_probe", "LinearProbe", "run_probe"]
+__all__ = ["BASELINES", "check_baselines", "extract_features", "fit_linear_probe", "LinearProbe", "run_probe"]
 
 
 def probe_splits(
