@@ -87,61 +87,22 @@ def test_config_validation(bad):
 # ---------------------------------------------------------------------- forward, cache, causality
 
 
-@pytest.mark.parametrize("num_classes", [0, 5])
-def test_kv_cache_decoding_matches_uncached_forward(num_classes):
-    """Feeding the prefix token by token through the KV cache gives the logits of the full forward.
+@pytest.mark.parametrize(("rows", "split", "num_classes"), [(3, False, 5), (3, True, 5), (1, True, 5),
+                                                          (1, False, 5), (3, True, 0)])  # fmt: skip
+def test_decoder_steps_match_uncached_forward(rows, split, num_classes):
+    """The flat decode step of `generate` (plain F.linear, or batched products over row blocks of the weights),
+    fed one position at a time through its KV caches, computes Prior.forward's logits at every position.
 
-    Not bit-exact on CPU: a (1, D) × (D, D') product and the same row inside a (T, D) × (D, D') product go
-    through different BLAS blockings, and single-query attention sums in another order than the causal kernel,
-    so results differ in the last bits (~1e-7 here). Hence a 1e-5 absolute tolerance, and the same argmax.
-    """
-    torch.manual_seed(0)
-    prior = tiny(num_classes).eval()
-    tokens = random_tokens(3)
-    labels = torch.tensor([0, 4, 5]) if num_classes else None  # 5 = the null class
-    with torch.no_grad():
-        full = prior(tokens, labels).logits  # (3, 12, V)
-        caches = prior.transformer.new_caches(3, tokens.shape[1])
-        pos = prior.position_table()
-        x = prior.embed_condition(prior.check_labels(labels, 3), 3)
-        steps = []
-        for i in range(tokens.shape[1]):
-            steps.append(prior.head(prior.transformer(x, caches)))
-            x = prior.tok_embed(tokens[:, i : i + 1]) + pos[i]
-    cached = torch.cat(steps, dim=1)
-    torch.testing.assert_close(cached, full, rtol=0, atol=1e-5)
-    assert torch.equal(cached.argmax(-1), full.argmax(-1))
-
-
-def test_prefill_of_several_tokens_after_cached_ones_matches_forward():
-    """The masked prefill path (n > 1 new tokens after `past` cached ones) sees exactly the right keys."""
-    torch.manual_seed(1)
-    prior = tiny(3).eval()
-    tokens = random_tokens(2, seed=1)
-    labels = torch.tensor([1, 2])
-    with torch.no_grad():
-        full = prior(tokens, labels).logits
-        pos = prior.position_table()
-        emb = prior.tok_embed(tokens) + pos[:12]  # token j at input position j + 1
-        caches = prior.transformer.new_caches(2, 12)
-        x0 = torch.cat([prior.embed_condition(labels, 2), emb[:, :4]], dim=1)  # condition + tokens 0..3
-        a = prior.head(prior.transformer(x0, caches))  # prefill into an empty cache: positions 0..4
-        b = prior.head(prior.transformer(emb[:, 4:8], caches))  # 4 more after 5 cached: positions 5..8
-        c = prior.head(prior.transformer(emb[:, 8:11], caches))  # the rest one call at a time
-    torch.testing.assert_close(torch.cat([a, b, c], dim=1), full, rtol=0, atol=1e-5)
-
-
-@pytest.mark.parametrize(("rows", "pack", "split"), [(3, False, False), (3, True, False), (3, False, True),
-                                                   (1, False, True), (1, False, False)])  # fmt: skip
-def test_decoder_steps_match_uncached_forward(rows, pack, split):
-    """The flat decode step of `generate` (plain, MKL-packed, or as batched products over row blocks of the
-    weights) computes Prior.forward's logits."""
+    Not bit-exact on CPU: a one-row product and the same row inside a (T, D) × (D, D') product go through
+    different BLAS blockings, and single-query attention sums in another order than the causal kernel, so
+    results differ in the last bits (~1e-7 here). Hence a 1e-5 absolute tolerance."""
     torch.manual_seed(16)
-    prior = tiny(5).eval()
-    tokens, labels = random_tokens(3, seed=16)[:rows], torch.tensor([0, 4, 5])[:rows]
+    prior = tiny(num_classes).eval()
+    tokens = random_tokens(3, seed=16)[:rows]
+    labels = torch.tensor([0, 4, 5])[:rows] if num_classes else None  # 5 = the null class
     with torch.no_grad():
         full = prior(tokens, labels).logits
-        dec = Decoder(prior, rows=rows, max_len=12, pack=pack, split=split)
+        dec = Decoder(prior, rows=rows, max_len=12, split=split)
         assert dec.split == split
         pos = prior.position_table()
         x = prior.embed_condition(labels, rows)[:, 0]
@@ -151,24 +112,25 @@ def test_decoder_steps_match_uncached_forward(rows, pack, split):
             x = prior.tok_embed(tokens[:, i]) + pos[i]
     assert dec.length == 12
     torch.testing.assert_close(torch.stack(steps, dim=1), full, rtol=0, atol=1e-5)
+    assert torch.equal(torch.stack(steps, dim=1).argmax(-1), full.argmax(-1))
 
 
 def test_cpu_decoding_uses_split_products_by_default():
     prior = tiny(5).eval()
     assert Decoder(prior, rows=1, max_len=4).split and Decoder(prior, rows=8, max_len=4).split
-    packed = Decoder(prior, rows=2, max_len=4, pack=True)  # pack wins where MKL has it
-    assert packed.split == (not packed.pack)
+    assert not Decoder(prior.double(), rows=1, max_len=4).split  # fp64: plain F.linear
 
 
-def test_kv_cache_overflow_and_reset():
+def test_kv_cache_appends_in_order_and_refuses_overflow():
     cache = KVCache(1, 3, 2, 4)
-    k = torch.randn(1, 2, 2, 4)
-    cache.append(k, k)
+    k1, k2 = torch.randn(1, 2, 2, 4), torch.randn(1, 2, 1, 4)
+    keys, values = cache.append(k1, -k1)
+    assert cache.length == 2 and torch.equal(keys, k1) and torch.equal(values, -k1)
+    keys, values = cache.append(k2, -k2)
+    assert cache.length == 3 and torch.equal(keys, torch.cat([k1, k2], dim=2))
+    assert torch.equal(values, -torch.cat([k1, k2], dim=2))
     with pytest.raises(ValueError, match="overflow"):
-        cache.append(k, k)
-    cache.reset()
-    keys, _ = cache.append(k, k)
-    assert cache.length == 2 and cache.capacity == 3 and torch.equal(keys, k)
+        cache.append(k2, k2)
 
 
 @pytest.mark.parametrize("num_classes", [0, 5])
@@ -348,7 +310,7 @@ def test_seeds(num_classes):
         (5, {"cfg_scale": 3.0}),
     ],
 )
-@pytest.mark.parametrize("n", [1, 4])  # one row decodes with plain F.linear, several with packed weights
+@pytest.mark.parametrize("n", [1, 4])
 def test_cached_generate_equals_recompute(num_classes, kw, n):
     torch.manual_seed(11)
     prior = tiny(num_classes)
@@ -467,31 +429,12 @@ def test_presets_build():
         assert prior.num_params()["total"] == sum(p.numel() for p in prior.parameters())
 
 
-def test_forward_with_cache_equals_uncached_forward():
-    torch.manual_seed(0)
-    prior = Prior.from_preset("vim-tiny", vocab_size=40, grid_size=(3, 4), num_classes=5).eval()
-    tokens = torch.randint(0, 40, (2, 12))
-    labels = torch.tensor([1, 4])
-    with torch.no_grad():
-        full = prior(tokens, labels).logits  # (2, 12, 40)
-        cache = prior.new_cache(2)
-        parts = [prior(tokens[:, :5], labels, cache=cache).logits]  # prefill: cond + tokens 0..3
-        assert cache[0].length == 5
-        for t in range(5, 12):  # one new input per step: token t-1 predicts token t
-            parts.append(prior(tokens[:, t - 1 : t], cache=cache).logits)
-        cached = torch.cat(parts, dim=1)
-    torch.testing.assert_close(cached, full, atol=1e-5, rtol=0)
-    assert torch.equal(cached.argmax(-1), full.argmax(-1))
-    with pytest.raises(ValueError, match="exceed the sequence length"):
-        prior(tokens[:, :1], cache=cache)
-
-
 def test_split_products_fall_back_for_odd_widths():
     from vqim.sampling import _linear_fn, _split_count
 
     assert (_split_count(8192), _split_count(24), _split_count(6), _split_count(37)) == (16, 8, 2, 0)
     layer = torch.nn.Linear(8, 37)
     x = torch.randn(2, 8)
-    torch.testing.assert_close(_linear_fn(layer, 2, pack=False, split=True)(x), layer(x))
+    torch.testing.assert_close(_linear_fn(layer, 2, split=True)(x), layer(x))
     layer = torch.nn.Linear(8, 24, bias=False)
-    torch.testing.assert_close(_linear_fn(layer, 2, pack=False, split=True)(x), layer(x))
+    torch.testing.assert_close(_linear_fn(layer, 2, split=True)(x), layer(x))

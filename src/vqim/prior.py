@@ -27,7 +27,7 @@ from torch import nn
 
 from vqim.checkpoint import PretrainedMixin
 from vqim.config import PriorConfig, get_prior_config
-from vqim.nn.transformer import KVCache, Transformer
+from vqim.nn.transformer import Transformer
 
 if TYPE_CHECKING:
     from vqim.tokenizer import Tokenizer
@@ -244,15 +244,10 @@ class Prior(PretrainedMixin, nn.Module):
         return labels.masked_fill(drop, self.config.num_classes)
 
     # ------------------------------------------------------------------ forward
-    def new_cache(self, batch_size: int) -> list[KVCache]:
-        """Empty per-block KV caches for `forward(..., cache=...)`, holding up to h·w positions."""
-        return self.transformer.new_caches(batch_size, self.config.seq_len)
-
     def forward(
         self,
         tokens: torch.Tensor,
         labels: LabelsLike = None,
-        cache: list[KVCache] | None = None,
         return_blocks: Iterable[int] | None = None,
     ) -> PriorOutput:
         """Next-token logits for every position of tokens.
@@ -262,20 +257,12 @@ class Prior(PretrainedMixin, nn.Module):
             labels: class ids (B,) (or one int for the whole batch) of a conditional prior, in [0, num_classes]
                 where num_classes is the null class; None for an unconditional prior. In training mode each label
                 becomes the null class with probability class_dropout.
-            cache: per-block KV caches from `new_cache` for incremental decoding. Network position 0 holds the
-                condition and position p ≥ 1 token p − 1. On an empty cache the call reads
-                [cond, tokens[:, :T-1]], exactly as without a cache; on a cache already holding L positions,
-                `tokens` are the next inputs (tokens number L − 1 … L + T − 2 of the sequence) and
-                logits[:, i] predicts token L + i. Labels are only read on an empty cache.
             return_blocks: 0-based block indices whose outputs to return in `PriorOutput.blocks`.
 
         Returns:
             `PriorOutput` with logits (B, T, V): logits[:, i] is the distribution of tokens[:, i] given the
             condition and tokens[:, :i].
         """
-        past = 0 if cache is None else cache[0].length
-        if past:
-            return self._forward_cached(tokens, cache, past, return_blocks)
         tokens = self.check_tokens(tokens)
         b, t = tokens.shape
         labels = self.check_labels(labels, b)
@@ -291,25 +278,8 @@ class Prior(PretrainedMixin, nn.Module):
         body = self.tok_embed(tokens[:, : t - 1]) + self.position_table()[: t - 1]  # (B, T-1, D)
         x = self.drop(torch.cat([cond, body], dim=1))  # (B, T, D)
         if taps is None:
-            return PriorOutput(logits=self.head(self.transformer(x, caches=cache)))
-        x, blocks = self.transformer(x, caches=cache, return_blocks=taps)
-        return PriorOutput(logits=self.head(x), blocks=blocks)
-
-    def _forward_cached(
-        self, tokens: torch.Tensor, cache: list[KVCache], past: int, return_blocks: Iterable[int] | None
-    ) -> PriorOutput:
-        """Continue from a cache holding `past` positions: tokens (B, T) are inputs at positions past … past+T−1."""
-        tokens = self.check_tokens(tokens)
-        t = tokens.shape[1]
-        if past + t > self.config.seq_len:
-            raise ValueError(
-                f"the cache holds {past} positions; {t} more exceed the sequence length {self.config.seq_len}"
-            )
-        # Position p ≥ 1 carries token p − 1, whose grid position is p − 1.
-        x = self.drop(self.tok_embed(tokens) + self.position_table()[past - 1 : past - 1 + t])
-        if return_blocks is None:
-            return PriorOutput(logits=self.head(self.transformer(x, caches=cache)))
-        x, blocks = self.transformer(x, caches=cache, return_blocks=sorted({int(i) for i in return_blocks}))
+            return PriorOutput(logits=self.head(self.transformer(x)))
+        x, blocks = self.transformer(x, return_blocks=taps)
         return PriorOutput(logits=self.head(x), blocks=blocks)
 
     def loss(self, tokens: torch.Tensor, labels: LabelsLike = None) -> torch.Tensor:

@@ -11,7 +11,6 @@ per-module Python of `nn.Module.__call__`, and in-place residual adds. On CPU ea
 batched GEMM over 16 (or 8, 4, 2) row blocks of W: PyTorch's one-row linear is a single-threaded GEMV that
 streams the weights at one core's memory bandwidth, and its few-row linear repacks each weight on every call;
 the batched form keeps every thread streaming (2.9× faster per step at batch 1, 1.3× at batch 8, measured).
-MKL's prepacked GEMM (`pack=True`, the form Inductor uses for frozen CPU linears) is kept as an option.
 It computes the same function as `Prior.forward`, up to float rounding (tests check ≤ 1e-5).
 
 Classifier-free guidance (Ho & Salimans 2022; LlamaGen) runs the conditional rows and the same number of
@@ -21,7 +20,6 @@ conditional sampling and runs only the n conditional rows.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -87,41 +85,14 @@ def sample_logits(
     return choice.squeeze(-1)
 
 
-log = logging.getLogger(__name__)
-_MKL_PACKED_OK: bool | None = None  # whether torch.ops.mkl packed linear works here; checked once
-
-
-def _mkl_packed_available() -> bool:
-    """True when MKL's packed fp32 linear exists in this PyTorch build and agrees with F.linear."""
-    global _MKL_PACKED_OK
-    if _MKL_PACKED_OK is None:
-        try:
-            g = torch.Generator().manual_seed(0)
-            w, b, x = (torch.randn(s, generator=g) for s in ((24, 16), (24,), (3, 16)))
-            packed = torch.ops.mkl._mkl_reorder_linear_weight(w, 3)
-            y = torch.ops.mkl._mkl_linear(x, packed, w, b, 3)
-            _MKL_PACKED_OK = bool(torch.allclose(y, F.linear(x, w, b), rtol=1e-5, atol=1e-5))
-        except (AttributeError, RuntimeError, NotImplementedError):
-            _MKL_PACKED_OK = False
-        if not _MKL_PACKED_OK:
-            log.info("MKL packed linear unavailable; cached decoding uses F.linear")
-    return _MKL_PACKED_OK
-
-
 def _split_count(out_features: int) -> int:
     """Row blocks for a split matrix-vector product: 16, 8, 4 or 2, whichever divides the output width (0: none)."""
     return next((s for s in (16, 8, 4, 2) if out_features % s == 0), 0)
 
 
-def _linear_fn(
-    layer: nn.Linear, rows: int, pack: bool, split: bool = False
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """x (rows, in) → layer(x): with the weight prepacked for MKL's packed GEMM when `pack`; as a batched
-    product over row blocks of the weight when `split`."""
+def _linear_fn(layer: nn.Linear, rows: int, split: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x (rows, in) → layer(x): as a batched product over row blocks of the weight when `split`, else F.linear."""
     w, b = layer.weight.detach(), None if layer.bias is None else layer.bias.detach()
-    if pack:
-        packed = torch.ops.mkl._mkl_reorder_linear_weight(w, rows)
-        return lambda x: torch.ops.mkl._mkl_linear(x, packed, w, b, rows)
     n_split = _split_count(w.shape[0]) if split else 0
     if n_split:
         # On CPU a one-row F.linear is a single-threaded GEMV that streams the weight at one core's bandwidth;
@@ -153,20 +124,15 @@ class Decoder:
         prior: a `vqim.Prior`.
         rows: number of sequences decoded together.
         max_len: positions to hold, condition included (at most h·w).
-        pack: prepack the weights for MKL's packed GEMM (default off: `split` was measured faster at 1 to 64
-            rows).
         split: compute each product as one batched GEMM over row blocks of the weight, so every thread streams
             part of it; None = on CPU in fp32.
     """
 
-    def __init__(
-        self, prior: Prior, rows: int, max_len: int, pack: bool | None = None, split: bool | None = None
-    ) -> None:
+    def __init__(self, prior: Prior, rows: int, max_len: int, split: bool | None = None) -> None:
         w = prior.head.weight
-        pack = bool(pack) and _mkl_packed_available()
         if split is None:
             split = w.device.type == "cpu" and w.dtype == torch.float32
-        self.rows, self.pack, self.split = rows, pack, split and not pack
+        self.rows, self.split = rows, split
         self.dim = prior.config.dim
         self.caches = prior.transformer.new_caches(rows, max_len)
         self.layers = []
@@ -175,18 +141,18 @@ class Decoder:
             self.layers.append(
                 (
                     (blk.norm1.weight, blk.norm1.bias, blk.norm1.eps),
-                    _linear_fn(a.qkv, rows, pack, self.split),
-                    _linear_fn(a.proj, rows, pack, self.split),
+                    _linear_fn(a.qkv, rows, self.split),
+                    _linear_fn(a.proj, rows, self.split),
                     (blk.norm2.weight, blk.norm2.bias, blk.norm2.eps),
-                    _linear_fn(m.fc1, rows, pack, self.split),
-                    _linear_fn(m.fc2, rows, pack, self.split),
+                    _linear_fn(m.fc1, rows, self.split),
+                    _linear_fn(m.fc2, rows, self.split),
                     a.heads,
                     a.head_dim,
                 )
             )
         norm = prior.transformer.norm
         self.norm = (norm.weight, norm.bias, norm.eps)
-        self.head = _linear_fn(prior.head, rows, pack, self.split)
+        self.head = _linear_fn(prior.head, rows, self.split)
 
     @property
     def length(self) -> int:

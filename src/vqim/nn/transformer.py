@@ -1,8 +1,8 @@
 """One pre-norm Transformer block for the ViT encoder, the ViT decoder and the causal prior.
 
 Attention uses `torch.nn.functional.scaled_dot_product_attention`, which picks a fused kernel
-(flash / memory-efficient on GPU, a fused CPU kernel otherwise). An optional `KVCache` lets the
-causal prior decode one token at a time.
+(flash / memory-efficient on GPU, a fused CPU kernel otherwise). `KVCache` holds the keys and values of
+the causal prior's sampler (`vqim.sampling.Decoder`), which decodes one token at a time.
 """
 
 from __future__ import annotations
@@ -37,14 +37,6 @@ class KVCache:
         shape = (batch_size, heads, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0
-
-    @property
-    def capacity(self) -> int:
-        return self.k.shape[2]
-
-    def reset(self) -> None:
-        """Forget the cached positions (the buffers are reused, not cleared)."""
         self.length = 0
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,26 +74,12 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape  # (B, N, D)
         qkv = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, H, N, hd)
         drop = self.dropout if self.training else 0.0
-        if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=self.causal)
-        else:
-            past = cache.length
-            k, v = cache.append(k, v)
-            if n == 1 or not self.causal:
-                # A single new query may attend to every cached position.
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
-            elif past == 0:
-                # Prefill into an empty cache: the ordinary causal mask, no mask tensor to build.
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)
-            else:
-                # Prefill of n tokens after `past` cached ones: query i sees keys 0 .. past + i.
-                mask = torch.ones(n, past + n, dtype=torch.bool, device=x.device).tril(diagonal=past)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=self.causal)
         y = y.transpose(1, 2).reshape(b, n, d)
         return self.proj_drop(self.proj(y))
 
@@ -144,8 +122,8 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = MLP(dim, mlp_dim, dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cache)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
 
@@ -168,28 +146,25 @@ class Transformer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        caches: list[KVCache] | None = None,
         return_blocks: list[int] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Run the blocks on x (B, N, D).
 
         Args:
             x: input tokens.
-            caches: one KVCache per block, for incremental decoding.
             return_blocks: 0-based block indices whose outputs are also returned (for linear probes).
         """
         taps: dict[int, torch.Tensor] = {}
         for i, blk in enumerate(self.blocks):
-            x = blk(x, None if caches is None else caches[i])
+            x = blk(x)
             if return_blocks is not None and i in return_blocks:
                 taps[i] = x
         x = self.norm(x)
         return x if return_blocks is None else (x, taps)
 
     def new_caches(self, batch_size: int, max_len: int) -> list[KVCache]:
-        """One empty `KVCache` per block for `batch_size` rows and up to `max_len` positions.
-
-        The caches take the device and dtype of the blocks' weights.
+        """One empty `KVCache` per block for `batch_size` rows and up to `max_len` positions (for
+        `vqim.sampling.Decoder`). The caches take the device and dtype of the blocks' weights.
         """
         w = self.blocks[0].attn.qkv.weight
         return [
