@@ -6,12 +6,11 @@ import json
 
 import numpy as np
 import pytest
-import scipy.linalg
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from vqim.fid import InceptionMetrics, load_inception, to_uint8
-from vqim.metrics import FeatureStats, frechet_distance
 
 
 @pytest.fixture(scope="module")
@@ -37,42 +36,56 @@ def inception_file(tmp_path_factory):
     return path
 
 
-def test_fidelity_frechet_equals_ours_and_scipy():
-    from torch_fidelity.metric_fid import fid_statistics_to_metric
-
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(500, 16, generator=g, dtype=torch.float64)
-    b = torch.randn(400, 16, generator=g, dtype=torch.float64) @ torch.randn(
-        16, 16, generator=g, dtype=torch.float64
-    )
-    b = b + 0.5
-    stats = []
-    for f in (a, b):
-        s = FeatureStats(16)
-        s.update(f)
-        stats.append(s.mean_cov())
-    (m1, c1), (m2, c2) = stats
-    lib = fid_statistics_to_metric(
-        {"mu": m1.numpy(), "sigma": c1.numpy()}, {"mu": m2.numpy(), "sigma": c2.numpy()}, verbose=False
-    )["frechet_inception_distance"]
-    covmean = scipy.linalg.sqrtm(c1.numpy() @ c2.numpy()).real
-    ref = float(((m1 - m2) ** 2).sum() + np.trace(c1.numpy()) + np.trace(c2.numpy()) - 2 * np.trace(covmean))
-    assert lib == pytest.approx(ref, rel=1e-6)
-    assert frechet_distance(m1, c1, m2, c2) == pytest.approx(ref, rel=1e-6)
+def _fid_by_hand(a: np.ndarray, b: np.ndarray) -> float:
+    """‖μa − μb‖² + tr Σa + tr Σb − 2 tr (Σa Σb)^½ with unbiased covariances Σ = XᵀX / (n − 1) of the centred
+    rows X. With fewer rows than dimensions both Σ are singular, where a matrix square root is ill-conditioned;
+    tr (Σa Σb)^½ is then computed exactly as the sum of the singular values of A Bᵀ / (n − 1) (the eigenvalues
+    of Σa Σb are the squared singular values of that small matrix)."""
+    n = len(a)
+    ca, cb = a - a.mean(0), b - b.mean(0)
+    tr_sqrt = np.linalg.svd(ca @ cb.T, compute_uv=False).sum() / (n - 1)
+    mean_term = ((a.mean(0) - b.mean(0)) ** 2).sum()
+    return float(mean_term + (ca**2).sum() / (n - 1) + (cb**2).sum() / (n - 1) - 2 * tr_sqrt)
 
 
-def test_identical_sets_have_zero_rfid_and_different_sets_do_not(inception_file):
+def test_rfid_and_inception_score_equal_the_formulas_on_the_networks_features(inception_file):
+    """rFID compares the real images' pool features with the reconstructions', streamed over batches; IS is
+    exp(mean KL(p(y|x) ‖ p(y))) of the reconstructions' class probabilities. Both from the features by hand."""
     net = load_inception(inception_file)
     g = torch.Generator().manual_seed(1)
-    real = torch.rand(6, 3, 32, 32, generator=g)
-    same, other = InceptionMetrics(net, is_splits=2), InceptionMetrics(net, is_splits=2)
-    same.update(real, real)
-    other.update(real, (1 - real).clamp(0, 1))
-    r_same, r_other = same.compute(), other.compute()
-    assert abs(r_same["rfid"]) < 1e-3
-    assert r_other["rfid"] > 100 * max(abs(r_same["rfid"]), 1e-6)
-    # IS is exp(mean KL(p(y|x) ‖ p(y))): at least 1 and at most the split size.
-    assert 1.0 - 1e-9 <= r_other["inception_score"] <= 3.0 + 1e-9
+    real = torch.rand(12, 3, 32, 32, generator=g)
+    rec = F.interpolate(torch.rand(12, 3, 4, 4, generator=g), size=32)  # blocky "reconstructions"
+    m = InceptionMetrics(net, is_splits=1)
+    m.update(real[:5], rec[:5])  # unequal batches: the statistics accumulate
+    m.update(real[5:], rec[5:])
+    got = m.compute()
+    with torch.no_grad():
+        pool_real, logits_real = net(to_uint8(real))
+        pool_rec, logits_rec = net(to_uint8(rec))
+    ref = _fid_by_hand(pool_real.double().numpy(), pool_rec.double().numpy())
+    assert ref > 1.0  # different images: a distance to measure
+    assert got["rfid"] == pytest.approx(ref, rel=1e-4)
+
+    def inception_score_minus_one(logits: torch.Tensor) -> float:
+        p = logits.double().softmax(1)
+        return float((p * (p.log() - p.mean(0, keepdim=True).log())).sum(1).mean().exp()) - 1
+
+    # The random network's class probabilities are nearly uniform, so IS is close to 1: compare IS − 1, which
+    # tells the reconstructions' score from the real images'.
+    expected = inception_score_minus_one(logits_rec)
+    assert expected > 0 and abs(inception_score_minus_one(logits_real) - expected) > 0.01 * expected
+    assert got["inception_score"] - 1 == pytest.approx(expected, rel=1e-4)
+
+
+def test_identical_sets_have_zero_rfid_and_one_split_per_image_at_most(inception_file):
+    net = load_inception(inception_file)
+    real = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    m = InceptionMetrics(net, is_splits=10)
+    m.update(real, real)
+    r = m.compute()
+    assert abs(r["rfid"]) < 1e-3
+    # More splits than images: one split per image, and a split of one image scores exactly 1.
+    assert r["inception_score_splits"] == 6 and r["inception_score"] == pytest.approx(1.0)
 
 
 def test_images_are_quantised_like_png():
@@ -141,13 +154,30 @@ def test_eval_tokenizer_reports_lpips_rfid_and_is(tmp_path, inception_file, caps
 
     vgg = tmp_path / "vgg16.safetensors"
     save_file({k: v.contiguous() for k, v in vgg16(weights=None).state_dict().items()}, str(vgg))
-    tok = _tiny_tokenizer(tmp_path)
-    main(["eval-tokenizer", "--tokenizer", str(tok), "--data", str(_folder(tmp_path)), "--no-progress",
+    tok, folder = _tiny_tokenizer(tmp_path), _folder(tmp_path)
+    main(["eval-tokenizer", "--tokenizer", str(tok), "--data", str(folder), "--no-progress",
           "--vgg-weights", str(vgg), "--inception-weights", str(inception_file), "--out", str(tmp_path / "ev")])  # fmt: skip
     res = json.loads(capsys.readouterr().out)
     assert res["images"] == 6
-    assert res["lpips"] > 0 and res["rfid"] > 0 and res["inception_score"] >= 1.0
     assert "not_measured" not in res
+    # The same figures computed here from the 6 images and their reconstructions, with the same weights.
+    from vqim import Tokenizer
+    from vqim.data import build_dataset, collate
+    from vqim.perceptual import LPIPS
+
+    ds = build_dataset(str(folder), 32, train=False)
+    x = collate([ds[i] for i in range(len(ds))])["image"]
+    with torch.no_grad():
+        rec = Tokenizer.from_pretrained(tok).eval()(x).reconstruction.clamp(0, 1)
+        lp = LPIPS(vgg_weights=vgg)(rec, x)
+        net = load_inception(inception_file)
+        pool_x, pool_rec = net(to_uint8(x))[0], net(to_uint8(rec))[0]
+    assert res["lpips"] == pytest.approx(float(lp.mean()), rel=1e-4)
+    assert res["rfid"] == pytest.approx(
+        _fid_by_hand(pool_x.double().numpy(), pool_rec.double().numpy()), rel=1e-3
+    )
+    # 6 images and 10 splits: one image per split, each scoring exactly 1.
+    assert res["inception_score_splits"] == 6 and res["inception_score"] == pytest.approx(1.0)
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["rfid"] == pytest.approx(res["rfid"])
 
 

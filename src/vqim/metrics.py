@@ -90,16 +90,3 @@ class FeatureStats:
         mu = self.sum / self.n
         cov = (self.outer - self.n * torch.outer(mu, mu)) / (self.n - 1)
         return mu, cov
-
-
-def frechet_distance(mu1: torch.Tensor, cov1: torch.Tensor, mu2: torch.Tensor, cov2: torch.Tensor) -> float:
-    """‖μ1 − μ2‖² + tr(Σ1) + tr(Σ2) − 2·tr((Σ1 Σ2)^½), the distance behind FID.
-
-    tr((Σ1 Σ2)^½) is computed as the sum of square roots of the eigenvalues of Σ1^½ Σ2 Σ1^½ (symmetric PSD, so
-    an eigendecomposition in float64 is stable); tiny negative eigenvalues from rounding are clipped to 0.
-    """
-    mu1, mu2, cov1, cov2 = (t.to(torch.float64) for t in (mu1, mu2, cov1, cov2))
-    w1, v1 = torch.linalg.eigh(cov1)
-    s1 = (v1 * w1.clamp_min(0).sqrt()) @ v1.t()  # Σ1^½
-    inner = torch.linalg.eigvalsh(s1 @ cov2 @ s1).clamp_min(0).sqrt().sum()
-    return float((mu1 - mu2).pow(2).sum() + cov1.trace() + cov2.trace() - 2 * inner)
