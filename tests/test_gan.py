@@ -7,7 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from vqim import losses
-from vqim.discriminator import PatchGANDiscriminator, StyleGANDiscriminator, blur_downsample, minibatch_stddev
+from vqim.discriminator import (
+    EqualConv2d,
+    EqualLinear,
+    PatchGANDiscriminator,
+    StyleGANDiscriminator,
+    blur_downsample,
+    minibatch_stddev,
+)
 
 
 @pytest.mark.parametrize("size", [16, 32, 64])
@@ -24,13 +31,34 @@ def test_stylegan_discriminator_shapes_and_gradients(size):
         StyleGANDiscriminator(image_size=48)
 
 
-def test_equalised_lr_keeps_activations_in_range():
+def test_equalised_lr_stores_unit_weights_and_scales_them_at_run_time():
+    """Equalised learning rate (Karras et al.): the parameter is N(0, 1) and the layer multiplies it by
+    1/sqrt(fan_in) in every forward pass, so (i) a unit-variance input gives a unit-variance output, and (ii) the
+    parameter's gradient is that scale times the gradient of the effective weight (which is what equalises the
+    step size of Adam across layers; scaling the initial weights instead would pass (i) but not (ii))."""
     torch.manual_seed(0)
     d = StyleGANDiscriminator(image_size=64, channels=32, max_channels=128)
-    out = d(torch.rand(8, 3, 64, 64))
-    assert (
-        0.01 < float(out.detach().std()) < 100
-    )  # equalised lr: unit-variance weights scaled by 1/sqrt(fan_in)
+    layers = [m for m in d.modules() if isinstance(m, EqualConv2d | EqualLinear)]
+    assert len(layers) == 1 + 3 * 4 + 3  # from_rgb, 4 residual blocks of 3 convolutions, final conv, fc, out
+    for layer in layers:
+        w = layer.weight
+        fan_in = w[0].numel()
+        assert layer.scale == pytest.approx(fan_in**-0.5)
+        if w.numel() >= 1000:  # the sample std of 1000+ N(0, 1) draws is within 10% of 1
+            assert 0.9 < float(w.detach().std()) < 1.1
+        conv = isinstance(layer, EqualConv2d)
+        x = torch.randn(16, w.shape[1], 8, 8) if conv else torch.randn(256, w.shape[1])
+        y = layer(x)
+        w_eff = (w.detach() * fan_in**-0.5).requires_grad_(True)
+        b = None if layer.bias is None else layer.bias.detach()
+        ref = F.conv2d(x, w_eff, b, padding=layer.padding) if conv else F.linear(x, w_eff, b)
+        torch.testing.assert_close(y, ref)
+        if w.numel() >= 1000 and (not conv or layer.padding == 0):  # no zero padding to shrink the output
+            assert 0.85 < float(y.detach().std()) < 1.15
+        r = torch.randn_like(y)
+        (g,) = torch.autograd.grad((y * r).sum(), w)
+        (g_eff,) = torch.autograd.grad((ref * r).sum(), w_eff)
+        torch.testing.assert_close(g, g_eff * fan_in**-0.5)
 
 
 def test_blur_downsample_preserves_constants_and_halves_size():
