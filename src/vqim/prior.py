@@ -164,8 +164,12 @@ class Prior(PretrainedMixin, nn.Module):
         }
 
     # ------------------------------------------------------------------ checks
-    def check_tokens(self, tokens: Any) -> torch.Tensor:
-        """Validate token ids (B, T) with 1 ≤ T ≤ h·w, or a full grid (B, h, w); return them as (B, T) int64."""
+    def check_tokens(self, tokens: Any, values: bool = True) -> torch.Tensor:
+        """Validate token ids (B, T) with 1 ≤ T ≤ h·w, or a full grid (B, h, w); return them as (B, T) int64.
+
+        `values=False` checks types and shapes only: reading the id range back from the device is a host sync,
+        which the training step avoids (an id out of range still fails in the embedding lookup).
+        """
         if not isinstance(tokens, torch.Tensor):
             raise ValueError(f"tokens must be a LongTensor of shape (B, T), got {type(tokens).__name__}")
         if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
@@ -181,14 +185,15 @@ class Prior(PretrainedMixin, nn.Module):
         if not 1 <= t <= h * w:
             raise ValueError(f"sequence length T = {t} must be in [1, h·w = {h * w}] for the {h}×{w} grid")
         v = self.config.vocab_size
-        if tokens.numel() and bool(((tokens < 0) | (tokens >= v)).any()):
+        if values and tokens.numel() and bool(((tokens < 0) | (tokens >= v)).any()):
             lo, hi = int(tokens.min()), int(tokens.max())
             raise ValueError(f"token ids must be in [0, {v}), got values in [{lo}, {hi}]")
         return tokens.long()
 
-    def check_labels(self, labels: LabelsLike, batch_size: int) -> torch.Tensor | None:
+    def check_labels(self, labels: LabelsLike, batch_size: int, values: bool = True) -> torch.Tensor | None:
         """Validate class labels: an int, a sequence or a tensor of B ints in [0, num_classes]; id num_classes is
-        the null class. Returns a LongTensor (B,) on the model's device, or None for an unconditional prior."""
+        the null class. Returns a LongTensor (B,) on the model's device, or None for an unconditional prior.
+        `values=False`: types and shapes only (no host sync), as for `check_tokens`."""
         c = self.config.num_classes
         if not self.config.conditional:
             if labels is not None:
@@ -211,7 +216,7 @@ class Prior(PretrainedMixin, nn.Module):
             labels = labels.expand(batch_size)
         if labels.shape != (batch_size,):
             raise ValueError(f"labels must have shape ({batch_size},), got {tuple(labels.shape)}")
-        if bool(((labels < 0) | (labels > c)).any()):
+        if values and bool(((labels < 0) | (labels > c)).any()):
             raise ValueError(
                 f"labels must be in [0, {c}) (or {c}, the null class), got values in "
                 f"[{int(labels.min())}, {int(labels.max())}]"
@@ -249,6 +254,7 @@ class Prior(PretrainedMixin, nn.Module):
         tokens: torch.Tensor,
         labels: LabelsLike = None,
         return_blocks: Iterable[int] | None = None,
+        check_values: bool = True,
     ) -> PriorOutput:
         """Next-token logits for every position of tokens.
 
@@ -258,14 +264,15 @@ class Prior(PretrainedMixin, nn.Module):
                 where num_classes is the null class; None for an unconditional prior. In training mode each label
                 becomes the null class with probability class_dropout.
             return_blocks: 0-based block indices whose outputs to return in `PriorOutput.blocks`.
+            check_values: check that ids and labels are in range (a host sync; the trainer turns it off).
 
         Returns:
             `PriorOutput` with logits (B, T, V): logits[:, i] is the distribution of tokens[:, i] given the
             condition and tokens[:, :i].
         """
-        tokens = self.check_tokens(tokens)
+        tokens = self.check_tokens(tokens, check_values)
         b, t = tokens.shape
-        labels = self.check_labels(labels, b)
+        labels = self.check_labels(labels, b, check_values)
         if labels is not None:
             labels = self.drop_labels(labels)
         taps = None
@@ -318,6 +325,33 @@ def nats_to_bits(x: torch.Tensor | float) -> torch.Tensor | float:
     return x / math.log(2)
 
 
+@torch.no_grad()
+def bits_per_token(prior: Prior, dataset, batch_size: int = 64, device: str | torch.device = "cpu") -> float:
+    """Mean bits per token of a `vqim.tokens.TokenDataset` under the prior (eval mode; labels when conditional).
+
+    Args:
+        prior: the prior (its training mode is restored afterwards).
+        dataset: token sequences, with labels when the prior is class-conditional.
+        batch_size: sequences per forward pass.
+        device: where to run.
+    """
+    from torch.utils.data import DataLoader
+
+    from vqim.tokens import collate_tokens
+
+    was = prior.training
+    prior.eval()
+    total, count = 0.0, 0
+    for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate_tokens):
+        tokens = batch["tokens"].to(device)
+        labels = batch["label"].to(device) if prior.config.num_classes > 0 else None
+        logits = prior(tokens, labels).logits.float()
+        total += float(F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="sum"))
+        count += tokens.numel()
+    prior.train(was)
+    return float(nats_to_bits(total / count))
+
+
 def load_prior_and_tokenizer(
     prior_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike, device: str | torch.device = "cpu"
 ) -> tuple[Prior, Tokenizer]:
@@ -356,4 +390,4 @@ def load_prior_and_tokenizer(
     return prior, tok
 
 
-__all__ = ["Prior", "PriorOutput", "load_prior_and_tokenizer", "nats_to_bits"]
+__all__ = ["Prior", "PriorOutput", "bits_per_token", "load_prior_and_tokenizer", "nats_to_bits"]
