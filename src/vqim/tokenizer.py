@@ -170,6 +170,19 @@ class TokenizerOutput:
     usage: torch.Tensor
     perplexity: torch.Tensor
 
+    def terms(self) -> dict[str, torch.Tensor]:
+        """The loss terms (without the total) and codebook statistics, as detached scalar tensors."""
+        out = {
+            "vq_loss": self.vq_loss,
+            "l2_loss": self.l2_loss,
+            "l1_loss": self.l1_loss,
+            "usage": self.usage,
+            "perplexity": self.perplexity,
+        }
+        if self.logit_laplace_loss is not None:
+            out["logit_laplace_loss"] = self.logit_laplace_loss
+        return {k: v.detach() for k, v in out.items()}
+
     def scalars(self) -> dict[str, float]:
         """Loss terms and codebook statistics as floats, for logging."""
         out = {
