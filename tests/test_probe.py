@@ -184,15 +184,15 @@ def test_probe_cli_end_to_end(tmp_path, capsys):
     res = json.loads(capsys.readouterr().out)
     assert set(res["per_block_test_accuracy"]) == {"1", "3"}
     assert res["chosen_block"] in (1, 3)
-    assert set(res["baselines"]) == set(res["baselines_requested"])  # which ones: the CLI's default
-    if "pixels" in res["baselines"]:
-        assert res["baselines"]["pixels"] > 0.85  # digits are linearly separable in pixels
+    assert res["baselines"] == {} and res["baselines_requested"] == []  # none unless asked
     out = tmp_path / "out"
     for f in ("probe_results.json", "accuracy_by_block.png", "probe/probe.safetensors", "features/key.json"):
         assert (out / f).is_file(), f
-    # Features are cached: a second run reuses them and gives the same result.
-    main(args)
+    # Features are cached: a second run reuses them and gives the same result; asked, a baseline is fitted.
+    main([*args, "--baselines", "pixels"])
     again = json.loads(capsys.readouterr().out)
+    assert set(again["baselines"]) == {"pixels"}
+    assert again["baselines"]["pixels"] > 0.85  # digits are linearly separable in pixels
     assert again["per_block_test_accuracy"] == res["per_block_test_accuracy"]
     assert np.isclose(again["chosen_block_test_accuracy"], res["chosen_block_test_accuracy"])
 

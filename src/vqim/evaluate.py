@@ -499,8 +499,8 @@ class ProbeConfig:
         test_data: labelled test images (default: the built-in test split, or every fifth image of --data).
         labels_csv: labels for an image folder: CSV with columns path,label.
         blocks: 'all' or comma-separated 0-based block indices.
-        baselines: baselines fitted by the same protocol: the tokenizer encoder's pooled features, raw pixels
-            (none: `--baselines` alone).
+        baselines: baselines fitted by the same protocol, any of: encoder (the tokenizer encoder's pooled
+            features), pixels (raw pixels); none by default.
         seed: validation split and probe initialisation seed.
         device: cpu, cuda, or auto (cuda when available).
     """
@@ -512,7 +512,7 @@ class ProbeConfig:
     test_data: str | None = None
     labels_csv: str | None = None
     blocks: str = "all"
-    baselines: tuple[Literal["encoder", "pixels"], ...] = option(("encoder", "pixels"), nargs="*")
+    baselines: tuple[Literal["encoder", "pixels"], ...] = option((), nargs="*")
     seed: int = 0
     device: str = "auto"
 
