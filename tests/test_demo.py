@@ -15,9 +15,10 @@ import torch
 from vqim.demo import run_demo
 
 # The short run: 100 tokenizer steps (each of the three tokenizers: the demo's and the two codebook-health
-# variants) and 150 prior steps: 130 s on 2 idle cores (4 minutes while another job shared them). Measured at these settings: PSNR 20.2 dB
-# (untrained 13.1), 356 codes against 4 without restarts, 3.70 bits per token (untrained prior 9.04,
-# context-free unigram model 5.47), sample accuracy 0.31 (chance 0.10), probe 0.65 (chance 0.13).
+# variants) and 150 prior steps: 130 s on 2 idle cores (4 minutes while another job shared them). Measured at
+# these settings: PSNR 20.2 dB (untrained 13.1), 356 codes against 4 without restarts, 3.70 bits per token
+# (untrained prior 9.04, context-free unigram model 5.47), sample accuracy 0.31 (chance 0.10), probe 0.65
+# (chance 0.13).
 FAST_STEPS, FAST_PRIOR_STEPS = 100, 150
 
 
