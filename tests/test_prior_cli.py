@@ -4,6 +4,7 @@ evaluate; token datasets and their compatibility checks."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -125,14 +126,77 @@ def test_prior_cli_end_to_end(tmp_path, tokenizer_dir, token_dir, capsys):
     assert (s1 / "grid.png").is_file() and (s1 / "class3_0002.png").is_file()
     assert np.array_equal(np.asarray(Image.open(s1 / "grid.png")), np.asarray(Image.open(s2 / "grid.png")))
 
-    # Evaluate: bits per token on the held-out split, and sample accuracy with the digits classifier.
+    # Evaluate: bits per token of the held-out split (every 20th sequence, as train-prior held it out) equal the
+    # cross-entropy of Prior.forward's logits computed here, as does train-prior's own validation figure.
+    tokens, labels = _held_out(token_dir, 20)
+    expected_bits = _bits_by_hand(prior, tokens, labels)
+    assert summary["val_bits_per_token"] == pytest.approx(expected_bits, rel=1e-5)
     ev = json.loads(_run(["eval-prior", "--prior", str(run), "--tokens", str(token_dir), "--val-every", "20",
                           "--tokenizer", str(tokenizer_dir), "--data", "digits", "--samples-per-class", "2"],
                          capsys))  # fmt: skip
     assert ev["sequences"] == 72
-    assert ev["bits_per_token"] == pytest.approx(summary["val_bits_per_token"], rel=1e-5)
-    assert 0 <= ev["sample_accuracy"] <= 1 and len(ev["sample_accuracy_per_class"]) == 10
-    assert ev["classifier_real_test_accuracy"] > 0.85
+    assert ev["bits_per_token"] == pytest.approx(expected_bits, rel=1e-5)
+    assert ev["classifier_real_test_accuracy"] > 0.9
+
+
+def _held_out(token_dir: Path, every: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every `every`-th sequence (0, every, 2·every, …) and its label, read from the shards directly."""
+    tokens = np.concatenate([np.load(f) for f in sorted(token_dir.glob("tokens-*.npy"))])
+    labels = np.concatenate([np.load(f) for f in sorted(token_dir.glob("labels-*.npy"))])
+    assert len(tokens) == len(labels) == 1437
+    return torch.from_numpy(tokens[::every].astype(np.int64)), torch.from_numpy(
+        labels[::every].astype(np.int64)
+    )
+
+
+def _bits_by_hand(prior: Prior, tokens: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean −log2 p(token) under the logits of Prior.forward, with the softmax written out, in float64."""
+    with torch.no_grad():
+        logits = prior.eval()(tokens, labels).logits.double()  # (N, T, V)
+    target = tokens.reshape(len(tokens), -1)
+    log_p = logits.gather(-1, target[..., None])[..., 0] - torch.logsumexp(logits, dim=-1)
+    return float(-log_p.mean() / math.log(2))
+
+
+def test_eval_prior_sample_accuracy_on_a_known_case(tmp_path, tokenizer_dir, token_dir, capsys, monkeypatch):
+    """A prior that has memorised one token grid per class, sampled greedily, yields that grid for every sample
+    of the class; a classifier that maps each grid's image to a chosen label then makes the per-class accuracy
+    known: 1 where the chosen label is the class, 0 where it is not."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    import vqim.classifier
+
+    run = tmp_path / "p"
+    _run(["train-prior", "--tokens", str(token_dir), "--out", str(run), "--steps", "1", *PRIOR], capsys)
+    prior = Prior.from_pretrained(run)
+    grids = torch.randint(0, 64, (10, 4, 4), generator=torch.Generator().manual_seed(0))
+    classes = torch.arange(10)
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(prior.parameters(), lr=3e-3)
+    for _ in range(300):  # eval mode: no dropout and no label dropout while memorising
+        loss = prior.loss(grids, classes)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < 0.01:
+            break
+    assert torch.equal(prior.generate(10, classes, top_k=1), grids)
+    prior.save_pretrained(run)
+
+    tok = Tokenizer.from_pretrained(tokenizer_dir)
+    with torch.no_grad():
+        images = tok.decode(grids)
+    chosen = torch.tensor([0, 1, 2, 3, 4, 5, 6, 8, 9, 7])  # classes 7, 8 and 9 get another class's label
+    knn = KNeighborsClassifier(n_neighbors=1).fit(vqim.classifier.features(images), chosen.numpy())
+    monkeypatch.setattr(
+        vqim.classifier, "digits_classifier", lambda size, seed=0: vqim.classifier.SampleClassifier(knn, 1.0)
+    )
+    ev = json.loads(_run(["eval-prior", "--prior", str(run), "--tokens", str(token_dir), "--tokenizer",
+                          str(tokenizer_dir), "--data", "digits", "--samples-per-class", "3", "--top-k", "1"],
+                         capsys))  # fmt: skip
+    expected = {str(c): float(chosen[c] == c) for c in range(10)}
+    assert {str(k): v for k, v in ev["sample_accuracy_per_class"].items()} == expected
+    assert ev["sample_accuracy"] == pytest.approx(0.7)
 
 
 def test_prior_cli_errors(tmp_path, tokenizer_dir, token_dir, capsys):
