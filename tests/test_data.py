@@ -113,17 +113,24 @@ def test_build_dataset_errors(tmp_path):
 
 @pytest.mark.parametrize("layout", ["nhwc_uint8", "nchw_float", "gray"])
 def test_array_dataset_layouts(tmp_path, layout):
-    rng = np.random.default_rng(0)
+    # Image i is one flat colour, different per channel and per image, so a misread layout (channels taken for
+    # rows, or uint8 not scaled to [0, 1]) shows in the values, not only in the shape.
+    colours = np.array([[1.0, 0.5, 0.0], [0.0, 0.25, 0.75], [0.2, 0.2, 0.2], [0.6, 0.0, 1.0]])
     if layout == "nhwc_uint8":
-        arr = rng.integers(0, 255, (4, 20, 20, 3), dtype=np.uint8)
+        arr = np.round(255 * colours[:, None, None, :] * np.ones((1, 20, 20, 1))).astype(np.uint8)
     elif layout == "nchw_float":
-        arr = rng.random((4, 3, 20, 20)).astype(np.float32)
+        arr = (colours[:, :, None, None] * np.ones((1, 1, 20, 20))).astype(np.float32)
     else:
-        arr = rng.integers(0, 255, (4, 20, 20), dtype=np.uint8)
+        colours = colours[:, :1].repeat(3, axis=1)  # grey: the first channel's level, shown in RGB
+        arr = np.round(255 * colours[:, None, None, 0] * np.ones((1, 20, 20))).astype(np.uint8)
     np.save(tmp_path / "a.npy", arr)
     ds = build_dataset(str(tmp_path / "a.npy"), 16, train=False)
     assert isinstance(ds, ArrayDataset) and len(ds) == 4
-    assert ds[0]["image"].shape == (3, 16, 16)
+    for i in range(4):
+        x = ds[i]["image"]
+        assert x.shape == (3, 16, 16)
+        expected = torch.tensor(colours[i], dtype=torch.float32)[:, None, None].expand(3, 16, 16)
+        torch.testing.assert_close(x, expected, atol=1 / 255, rtol=0)
 
 
 def test_npz_with_labels_and_without_pickle(tmp_path):
