@@ -110,7 +110,7 @@ def test_decoder_steps_match_uncached_forward(rows, split, num_classes):
         for i in range(12):
             steps.append(dec.step(x))
             x = prior.tok_embed(tokens[:, i]) + pos[i]
-    assert dec.length == 12
+    assert all(cache.length == 12 for cache in dec.caches)
     torch.testing.assert_close(torch.stack(steps, dim=1), full, rtol=0, atol=1e-5)
     assert torch.equal(torch.stack(steps, dim=1).argmax(-1), full.argmax(-1))
 

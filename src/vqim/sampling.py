@@ -154,11 +154,6 @@ class Decoder:
         self.norm = (norm.weight, norm.bias, norm.eps)
         self.head = _linear_fn(prior.head, rows, self.split)
 
-    @property
-    def length(self) -> int:
-        """Positions cached so far."""
-        return self.caches[0].length
-
     def step(self, x: torch.Tensor) -> torch.Tensor:
         """Input vectors (rows, D) of the next position → logits (rows, V) for the token after it."""
         r, d = x.shape
