@@ -184,18 +184,8 @@ class TokenizerOutput:
         return {k: v.detach() for k, v in out.items()}
 
     def scalars(self) -> dict[str, float]:
-        """Loss terms and codebook statistics as floats, for logging."""
-        out = {
-            "loss": self.loss,
-            "vq_loss": self.vq_loss,
-            "l2_loss": self.l2_loss,
-            "l1_loss": self.l1_loss,
-            "usage": self.usage,
-            "perplexity": self.perplexity,
-        }
-        if self.logit_laplace_loss is not None:
-            out["logit_laplace_loss"] = self.logit_laplace_loss
-        return {k: float(v.detach()) for k, v in out.items()}
+        """The total loss, the loss terms and codebook statistics as floats, for logging."""
+        return {"loss": float(self.loss.detach()), **{k: float(v) for k, v in self.terms().items()}}
 
 
 class Tokenizer(PretrainedMixin, nn.Module):
