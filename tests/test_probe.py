@@ -259,3 +259,23 @@ def test_unknown_baselines_are_refused_before_any_work(tiny_pair, tmp_path, bad)
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="encoder"):
         extract_features(prior, tok, test, blocks=[0], baselines=bad)
+
+
+def test_feature_cache_is_keyed_on_the_weights(tiny_pair, tmp_path, monkeypatch):
+    import copy
+
+    import vqim.probe
+
+    prior, tok, train, test = tiny_pair
+    out = tmp_path / "out"
+    run_probe(prior, tok, train, test, out, blocks=[0])
+    extracted: list[int] = []
+    extract = vqim.probe.extract_features
+    monkeypatch.setattr(vqim.probe, "extract_features", lambda *a, **k: extracted.append(1) or extract(*a, **k))
+    run_probe(prior, tok, train, test, out, blocks=[0])
+    assert extracted == []  # same models: the cache serves
+    retrained = copy.deepcopy(tok)  # same config, other weights
+    with torch.no_grad():
+        retrained.quantizer.codebook.add_(0.1)
+    run_probe(prior, retrained, train, test, out, blocks=[0])
+    assert len(extracted) == 2  # another tokenizer: train and test features extracted again

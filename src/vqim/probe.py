@@ -281,11 +281,11 @@ def run_probe(
     out.mkdir(parents=True, exist_ok=True)
     cache = out / "features"
     key = {
-        "prior": prior.config.to_dict(),
-        "tokenizer": tokenizer.config.hash(),
+        # Models by fingerprint (config + every weight): a retrained model never reuses stale features.
+        "prior": prior.fingerprint(),
+        "tokenizer": tokenizer.fingerprint(),
         "blocks": blocks,
         "n": [len(train_set), len(test_set)],
-        "prior_weights": float(sum(p.detach().double().sum() for p in prior.parameters())),
     }
     feats = _load_cache(cache, key)
     if feats is not None and any(f"train.{b}" not in feats or f"test.{b}" not in feats for b in baselines):
