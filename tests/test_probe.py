@@ -271,7 +271,9 @@ def test_feature_cache_is_keyed_on_the_weights(tiny_pair, tmp_path, monkeypatch)
     run_probe(prior, tok, train, test, out, blocks=[0])
     extracted: list[int] = []
     extract = vqim.probe.extract_features
-    monkeypatch.setattr(vqim.probe, "extract_features", lambda *a, **k: extracted.append(1) or extract(*a, **k))
+    monkeypatch.setattr(
+        vqim.probe, "extract_features", lambda *a, **k: extracted.append(1) or extract(*a, **k)
+    )
     run_probe(prior, tok, train, test, out, blocks=[0])
     assert extracted == []  # same models: the cache serves
     retrained = copy.deepcopy(tok)  # same config, other weights
