@@ -111,6 +111,9 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("code_age", torch.zeros(codebook_size, dtype=torch.long), persistent=False)
         self.register_buffer("_hits", torch.zeros(codebook_size, dtype=torch.long), persistent=False)
         self._recent: torch.Tensor | None = None
+        # Reused output of the distance product: a fresh (rows × K) fp32 matrix each step (67 MB at 2048 × 8192)
+        # is above the allocator's mmap threshold on CPU and page-faults in full every time.
+        self._sim: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ lookup
     def codes(self) -> torch.Tensor:
@@ -128,8 +131,13 @@ class VectorQuantizer(nn.Module):
         chunk = max(1, _MAX_DIST_ELEMENTS // codes.shape[0])
         out = []
         c_sq = None if self.l2_norm else (codes * codes).sum(1)
+        need = min(chunk, ze.shape[0]) * codes.shape[0]
+        if self._sim is None or self._sim.numel() < need or self._sim.device != ze.device:
+            self._sim = torch.empty(need, device=ze.device, dtype=torch.float32)
         for part in ze.split(chunk):
-            sim = part @ codes.t()  # (m, K)
+            sim = torch.mm(
+                part, codes.t(), out=self._sim[: part.shape[0] * codes.shape[0]].view(part.shape[0], -1)
+            )
             if self.l2_norm:
                 out.append(sim.argmax(1))  # unit vectors: max cosine = min Euclidean distance
             else:
