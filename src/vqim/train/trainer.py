@@ -14,6 +14,7 @@ AdamW step reads a `found_inf` flag, as under a gradient scaler), so no process 
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import logging
 import math
@@ -168,7 +169,7 @@ def nonfinite_flag(norm: torch.Tensor) -> torch.Tensor:
     return (~torch.isfinite(norm)).to(torch.float32).reshape(())
 
 
-class Trainer:
+class Trainer(abc.ABC):
     """One training run. Subclasses implement the hooks below; `fit()` runs the loop.
 
     Args:
@@ -197,43 +198,43 @@ class Trainer:
         self.on_end: Callable[[nn.Module, Any], None] | None = None
 
     # ------------------------------------------------------------------ hooks
+    @abc.abstractmethod
     def setup(self) -> nn.Module:
         """Build the data and the model (from `self.resume_from` when resuming); return the model."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def lr_lambda(self, step: int) -> float:
         """Multiplier of the peak lr at this step."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def batches(self, start_step: int) -> Iterator[dict[str, Any]]:
         """This process's batches from global step start_step on (resumable, split over processes)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def compute_loss(self, model: nn.Module, batch: dict[str, Any]) -> StepOutput:
         """Forward pass and loss for one batch (model is the prepared, possibly DDP-wrapped module)."""
-        raise NotImplementedError
 
-    def prepare_extra(self) -> None:
+    def prepare_extra(self) -> None:  # noqa: B027 - optional hook
         """Move or prepare extra modules (discriminator, perceptual network) once the model is prepared."""
 
-    def before_loop(self) -> None:
+    def before_loop(self) -> None:  # noqa: B027 - optional hook
         """Work done once before the first step of a run or a resumed run (e.g. codebook initialisation)."""
 
-    def after_update(self, out: StepOutput, batch: dict[str, Any], found_inf: torch.Tensor) -> None:
+    def after_update(self, out: StepOutput, batch: dict[str, Any], found_inf: torch.Tensor) -> None:  # noqa: B027 - optional hook
         """Updates after the optimizer step (discriminator step, codebook restarts); may add to out.terms."""
 
     def log_terms(self, out: StepOutput, batch: dict[str, Any]) -> dict[str, float]:
         """Extra values to log on a logging step (computed only then)."""
         return {}
 
-    def periodic(self, step: int) -> None:
+    def periodic(self, step: int) -> None:  # noqa: B027 - optional hook
         """Work after step `step` (image grids, validation); called every step."""
 
     def extra_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Extra checkpoint content: (tensors, JSON-able metadata)."""
         return {}, {}
 
-    def load_extra_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    def load_extra_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:  # noqa: B027 - optional hook
         """Restore what `extra_state` saved."""
 
     def config_record(self) -> dict[str, Any]:
