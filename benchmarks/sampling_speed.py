@@ -19,12 +19,19 @@ per decode step: all weights except the embedding tables, plus the KV cache at i
 and the matmul FLOPs per step ÷ sgemm speed; the roofline is the lower of the two, and the share of it is
 the measured rate ÷ the roofline.
 
+Sliding window: the same prior sampling a canvas --canvas-scale times the training grid on each side (2: 32×32
+tokens), batch 1, every token from the 16×16 window around it; keys and values are reused while the window stays
+put and recomputed (one prefill of the window so far) when it moves. Reported: tokens/s over the whole canvas,
+the share of tokens that needed a prefill, and the ratio to plain cached sampling of the training grid in this
+run.
+
 The cached/recompute ratio has a ceiling set by the machine, not the code: a cached step at batch 1 reads the
 weights (4·N bytes), a recompute step at prefix L does 2·N·L FLOPs, so even a recompute running at full sgemm
 speed gives a ratio of about (T + 1)·bandwidth / (4·sgemm) for T tokens (higher where the recompute runs below
 sgemm speed). The recompute path is not slowed to widen it.
 Usage:
     python benchmarks/sampling_speed.py [--tokens 256] [--recompute-tokens 64] [--repeats 3] [--threads 2]
+                                        [--canvas-scale 2]
 """
 
 from __future__ import annotations
@@ -54,7 +61,7 @@ def recompute_step_seconds(
     gen = torch.Generator(device=device).manual_seed(0)
 
     def step() -> None:
-        cond = prior.embed_condition(labels, batch)
+        cond = prior.embed_start(labels, batch)
         seq = torch.cat([cond, F.embedding(prefix, emb) + pos[: length - 1]], dim=1)
         sample_logits(prior.head(prior.transformer(seq)[:, -1]), 1.0, top_k, None, gen)
 
@@ -122,6 +129,28 @@ def time_batch(
     return row
 
 
+def time_sliding(prior: Prior, scale: int, top_k: int, dev: str) -> dict:
+    """Batch-1 sliding-window sampling of a canvas `scale` times the training grid per side, timed once."""
+    from vqim.sampling import window_origin
+
+    h, w = prior.config.grid_size
+    canvas = (h * scale, w * scale)
+    moves = sum(
+        window_origin(p // canvas[1], p % canvas[1], canvas, (h, w))
+        != window_origin((p - 1) // canvas[1], (p - 1) % canvas[1], canvas, (h, w))
+        for p in range(1, canvas[0] * canvas[1])
+    )
+    labels = torch.zeros(1, dtype=torch.long, device=dev)
+    seconds = timed(lambda: generate(prior, 1, labels, top_k=top_k, seed=0, grid=canvas), 1, dev)[0]
+    return {
+        "canvas": list(canvas),
+        "tokens": canvas[0] * canvas[1],
+        "tokens_per_s": round(canvas[0] * canvas[1] / seconds, 2),
+        "seconds": round(seconds, 2),
+        "share_of_tokens_with_a_window_prefill": round((moves + 1) / (canvas[0] * canvas[1]), 3),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=256, help="new tokens per sample (≤ 256, the 16×16 grid)")
@@ -133,6 +162,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
     ap.add_argument("--top-k", type=int, default=100)
     ap.add_argument("--num-classes", type=int, default=1000)
+    ap.add_argument("--canvas-scale", type=int, default=2, help="sliding-window canvas per side (0: skip)")
     args = ap.parse_args()
     if not 1 <= args.tokens <= 256:
         ap.error("--tokens must be in [1, 256]")
@@ -155,6 +185,7 @@ def main() -> None:
             str(b): time_batch(prior, b, args.tokens, rec_tokens, args.top_k, args.repeats, args.warmup, dev)
             for b in batches
         }
+        sliding = time_sliding(prior, args.canvas_scale, args.top_k, dev) if args.canvas_scale > 1 else None
     bw, gflops = limits["memory_read_gb_per_s"], limits["sgemm_gflops"]
 
     for b in batches:
@@ -186,6 +217,9 @@ def main() -> None:
         row["cached_share_of_memory_bandwidth"] = round(c_med / mem_kv_bound, 3)
         row["cached_share_of_sgemm"] = round(c_med / flop_bound, 3)
 
+    if sliding is not None and "1" in results:
+        plain = results["1"]["cached_tokens_per_s"]["median"]
+        sliding["tokens_per_s_over_plain_cached"] = round(sliding["tokens_per_s"] / plain, 3)
     out = {
         "config": {
             "preset": "vim-small",
@@ -202,6 +236,7 @@ def main() -> None:
         "torch": torch.__version__,
         "weight_bytes_per_decode_step": weight_bytes,
         "batches": results,
+        "sliding_window_batch_1": sliding,
         "machine": limits.report(),
     }
     print(json.dumps(out, indent=2))

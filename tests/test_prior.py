@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from vqim import (
     Prior,
@@ -18,8 +19,8 @@ from vqim import (
     prior_presets,
     sample_logits,
 )
+from vqim.nn import linear
 from vqim.nn.transformer import KVCache
-from vqim.sampling import Decoder
 
 V = 64
 GRID = (3, 4)  # h ≠ w, so a transposed position table would show
@@ -87,38 +88,73 @@ def test_config_validation(bad):
 # ---------------------------------------------------------------------- forward, cache, causality
 
 
+@pytest.fixture
+def split_tiny(monkeypatch):
+    """Let the tiny test models' small weights take the row-split product too (it is kept for large weights)."""
+    monkeypatch.setattr(linear, "SPLIT_MIN_WEIGHT", 1)
+
+
 @pytest.mark.parametrize(("rows", "split", "num_classes"), [(3, False, 5), (3, True, 5), (1, True, 5),
                                                           (1, False, 5), (3, True, 0)])  # fmt: skip
-def test_decoder_steps_match_uncached_forward(rows, split, num_classes):
-    """The flat decode step of `generate` (plain F.linear, or batched products over row blocks of the weights),
-    fed one position at a time through its KV caches, computes Prior.forward's logits at every position.
+def test_cached_steps_match_uncached_forward(rows, split, num_classes, monkeypatch):
+    """The prior's own network, fed one position at a time through its KV caches (`Prior.extend`, with plain
+    F.linear or the row-split product), computes Prior.forward's logits at every position.
 
     Not bit-exact on CPU: a one-row product and the same row inside a (T, D) × (D, D') product go through
     different BLAS blockings, and single-query attention sums in another order than the causal kernel, so
     results differ in the last bits (~1e-7 here). Hence a 1e-5 absolute tolerance."""
+    monkeypatch.setattr(linear, "SPLIT_MIN_WEIGHT", 1 if split else 10**12)
     torch.manual_seed(16)
     prior = tiny(num_classes).eval()
     tokens = random_tokens(3, seed=16)[:rows]
     labels = torch.tensor([0, 4, 5])[:rows] if num_classes else None  # 5 = the null class
     with torch.no_grad():
         full = prior(tokens, labels).logits
-        dec = Decoder(prior, rows=rows, max_len=12, split=split)
-        assert dec.split == split
+        caches = prior.transformer.new_caches(rows, 12)
         pos = prior.position_table()
-        x = prior.embed_condition(labels, rows)[:, 0]
+        x = prior.embed_prefix(labels, None, rows)
         steps = []
         for i in range(12):
-            steps.append(dec.step(x))
-            x = prior.tok_embed(tokens[:, i]) + pos[i]
-    assert all(cache.length == 12 for cache in dec.caches)
+            steps.append(prior.extend(x, caches))
+            x = (prior.tok_embed(tokens[:, i]) + pos[i])[:, None]
+    assert all(cache.length == 12 for cache in caches)
     torch.testing.assert_close(torch.stack(steps, dim=1), full, rtol=0, atol=1e-5)
     assert torch.equal(torch.stack(steps, dim=1).argmax(-1), full.argmax(-1))
+    blocked = [m._blocks is not None for m in prior.modules() if isinstance(m, linear.Linear)]
+    assert all(blocked) if split else not any(blocked)
 
 
-def test_cpu_decoding_uses_split_products_by_default():
+def test_prefill_in_chunks_matches_uncached_forward(split_tiny):
+    """A multi-position chunk after cached positions (the masked attention path) gives the forward's logits."""
+    torch.manual_seed(17)
     prior = tiny(5).eval()
-    assert Decoder(prior, rows=1, max_len=4).split and Decoder(prior, rows=8, max_len=4).split
-    assert not Decoder(prior.double(), rows=1, max_len=4).split  # fp64: plain F.linear
+    tokens, labels = random_tokens(2, seed=17), torch.tensor([1, 2])
+    with torch.no_grad():
+        full = prior(tokens, labels).logits
+        caches = prior.transformer.new_caches(2, 12)
+        pos = prior.position_table()
+        emb = prior.tok_embed(tokens) + pos
+        first = prior.extend(torch.cat([prior.embed_prefix(labels, None, 2), emb[:, :4]], 1), caches)
+        second = prior.extend(emb[:, 4:9], caches)  # positions 5 .. 9: each must not see the ones after it
+    torch.testing.assert_close(first, full[:, 4], rtol=0, atol=1e-5)
+    torch.testing.assert_close(second, full[:, 9], rtol=0, atol=1e-5)
+
+
+def test_cpu_decoding_uses_split_products_for_large_weights_only():
+    layer = linear.Linear(256, 512)
+    x = torch.randn(1, 256)
+    with torch.no_grad():
+        assert linear.split_applies(x, layer.weight)
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+        assert not linear.split_applies(torch.randn(64, 256), layer.weight)  # many rows: plain GEMM
+        assert not linear.split_applies(x, layer.weight.double())  # fp64: plain F.linear
+        assert not linear.split_applies(x, linear.Linear(8, 16).weight)  # a small weight stays in cache
+        with linear.plain_products():
+            assert not linear.split_applies(x, layer.weight)
+    assert not linear.split_applies(x, layer.weight)  # autograd records: plain F.linear
+    assert layer._blocks is not None
+    layer.double()
+    assert layer._blocks is None  # moved: the views of the old storage are dropped
 
 
 def test_kv_cache_appends_in_order_and_refuses_overflow():
@@ -190,10 +226,8 @@ def test_loss_at_initialisation_is_ln_vocab():
     tokens = torch.randint(0, 512, (8, 16))
     with torch.no_grad():
         loss = prior.loss(tokens, torch.arange(8))
-        bits = prior.bits_per_token(tokens, torch.arange(8))
     assert loss.ndim == 0
     assert abs(loss.item() - math.log(512)) < 0.05 * math.log(512)
-    assert bits.item() == pytest.approx(loss.item() / math.log(2), rel=1e-6)
 
 
 def test_tiny_prior_overfits_one_batch():
@@ -363,9 +397,9 @@ def test_generate_images():
     images = generate_images(tok, prior, 2, labels=[0, 2], top_k=50, seed=0)
     assert images.shape == (2, 3, 32, 32)
     assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0
-    with pytest.raises(ValueError, match="vocab_size"):
+    with pytest.raises(ValueError, match="512 codes.*vocabulary 64"):
         generate_images(tok, Prior.from_preset("vim-tiny", vocab_size=64, grid_size=(4, 4), depth=1), 1)
-    with pytest.raises(ValueError, match="grid_size"):
+    with pytest.raises(ValueError, match=r"grid \(8, 8\)"):
         generate_images(tok, Prior.from_preset("vim-tiny", vocab_size=512, grid_size=(8, 8), depth=1), 1)
     with pytest.raises(ValueError, match="unknown sampling arguments"):
         generate_images(tok, prior, 1, labels=0, topk=3)
@@ -430,11 +464,7 @@ def test_presets_build():
 
 
 def test_split_products_fall_back_for_odd_widths():
-    from vqim.sampling import _linear_fn, _split_count
-
-    assert (_split_count(8192), _split_count(24), _split_count(6), _split_count(37)) == (16, 8, 2, 0)
-    layer = torch.nn.Linear(8, 37)
+    assert tuple(map(linear.split_count, (8192, 24, 6, 37))) == (16, 8, 2, 0)
     x = torch.randn(2, 8)
-    torch.testing.assert_close(_linear_fn(layer, 2, split=True)(x), layer(x))
-    layer = torch.nn.Linear(8, 24, bias=False)
-    torch.testing.assert_close(_linear_fn(layer, 2, split=True)(x), layer(x))
+    for layer in (torch.nn.Linear(8, 37), torch.nn.Linear(8, 24, bias=False)):
+        torch.testing.assert_close(linear.split_linear(x, layer.weight, layer.bias), layer(x))

@@ -8,7 +8,7 @@ type, default and help are declared once, beside the code that uses it:
     reconstruct       vqim.evaluate.ReconstructConfig     eval-tokenizer   vqim.evaluate.EvalTokenizerConfig
     eval-prior        vqim.evaluate.EvalPriorConfig       probe            vqim.evaluate.ProbeConfig
     encode / decode   vqim.tokens.EncodeConfig / DecodeConfig
-    sample            vqim.samples.SampleConfig (sampling settings: vqim.config.SamplingConfig)
+    sample / complete vqim.samples.SampleConfig / CompleteConfig (sampling settings: vqim.config.SamplingConfig)
     ablate            vqim.ablate.AblationConfig          demo             vqim.demo.run_demo's parameters
 
 Bad input (a ValueError, including a tokenizer mismatch, or a FileNotFoundError) ends the command with one
@@ -123,6 +123,12 @@ def cmd_sample(a: argparse.Namespace) -> None:
     _print_json(sample_to_folder(build(SampleConfig, a)))
 
 
+def cmd_complete(a: argparse.Namespace) -> None:
+    from vqim.samples import CompleteConfig, complete_to_folder
+
+    _print_json(complete_to_folder(build(CompleteConfig, a)))
+
+
 def cmd_eval_prior(a: argparse.Namespace) -> None:
     from vqim.evaluate import EvalPriorConfig, evaluate_prior
 
@@ -188,8 +194,10 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "eval-tokenizer": ("reconstruction metrics and codebook usage as JSON",
                        _options("vqim.evaluate", "EvalTokenizerConfig"), cmd_eval_tokenizer),
     "train-prior": ("train a VIM prior on token shards from `vqim encode`", opts_train_prior, cmd_train_prior),
-    "sample": ("sample images: a PNG grid (a row per class) and single PNGs",
+    "sample": ("sample images: a PNG grid (a row per class or condition) and single PNGs",
                _options("vqim.samples", "SampleConfig"), cmd_sample),
+    "complete": ("complete images from their top token rows (or a mask of kept tokens)",
+                 _options("vqim.samples", "CompleteConfig"), cmd_complete),
     "eval-prior": ("bits per token on held-out tokens; sample accuracy on digits",
                    _options("vqim.evaluate", "EvalPriorConfig"), cmd_eval_prior),
     "probe": ("linear probe on the frozen prior's block features", _options("vqim.evaluate", "ProbeConfig"),

@@ -329,6 +329,10 @@ class PriorConfig:
         dropout: residual, activation, attention and embedding dropout (docs/papers.md: 0.1).
         class_dropout: probability, in training, of replacing a label by the null class (classifier-free
             guidance needs it; ignored by an unconditional prior).
+        cond_vocab_size: vocabulary of the spatial condition's tokens (the condition tokenizer's
+            codebook_size); 0 = no spatial condition.
+        cond_grid_size: (h, w) of the spatial condition's token grid (the condition tokenizer's grid_size);
+            None when cond_vocab_size is 0.
     """
 
     vocab_size: int = 8192
@@ -340,17 +344,22 @@ class PriorConfig:
     mlp_dim: int = 2048
     dropout: float = 0.1
     class_dropout: float = 0.1
+    cond_vocab_size: int = 0
+    cond_grid_size: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
-        grid = self.grid_size
-        if (
-            not isinstance(grid, (tuple, list))
-            or len(grid) != 2
-            or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid)
-        ):
-            raise ValueError(f"grid_size must be two positive ints (h, w), got {grid!r}")
-        object.__setattr__(self, "grid_size", (int(grid[0]), int(grid[1])))
-        for name in ("vocab_size", "num_classes", "dim", "depth", "heads", "mlp_dim"):
+        for name in ("grid_size", "cond_grid_size"):
+            grid = getattr(self, name)
+            if grid is None and name == "cond_grid_size":
+                continue
+            if (
+                not isinstance(grid, (tuple, list))
+                or len(grid) != 2
+                or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid)
+            ):
+                raise ValueError(f"{name} must be two positive ints (h, w), got {grid!r}")
+            object.__setattr__(self, name, (int(grid[0]), int(grid[1])))
+        for name in ("vocab_size", "num_classes", "dim", "depth", "heads", "mlp_dim", "cond_vocab_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool):
                 raise ValueError(f"{name} must be an int, got {v!r}")
@@ -358,6 +367,15 @@ class PriorConfig:
             raise ValueError(f"vocab_size must be at least 2, got {self.vocab_size}")
         if self.num_classes < 0:
             raise ValueError(f"num_classes must be >= 0 (0 = unconditional), got {self.num_classes}")
+        if self.cond_vocab_size < 0 or self.cond_vocab_size == 1:
+            raise ValueError(
+                f"cond_vocab_size must be 0 (no spatial condition) or >= 2, got {self.cond_vocab_size}"
+            )
+        if (self.cond_vocab_size > 0) != (self.cond_grid_size is not None):
+            raise ValueError(
+                "a spatial condition needs both cond_vocab_size and cond_grid_size (or neither), got "
+                f"cond_vocab_size={self.cond_vocab_size}, cond_grid_size={self.cond_grid_size}"
+            )
         for name in ("dim", "depth", "heads", "mlp_dim"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -377,9 +395,21 @@ class PriorConfig:
     def conditional(self) -> bool:
         return self.num_classes > 0
 
+    @property
+    def spatial(self) -> bool:
+        """Whether the prior reads a spatial condition (condition tokens before the image tokens)."""
+        return self.cond_vocab_size > 0
+
+    @property
+    def cond_len(self) -> int:
+        """Condition tokens per sequence, hc·wc (0 without a spatial condition)."""
+        return 0 if self.cond_grid_size is None else self.cond_grid_size[0] * self.cond_grid_size[1]
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["grid_size"] = list(self.grid_size)  # JSON has no tuples; __post_init__ turns it back
+        if self.cond_grid_size is not None:
+            d["cond_grid_size"] = list(self.cond_grid_size)
         return d
 
     @classmethod

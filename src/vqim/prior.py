@@ -2,13 +2,19 @@
 
 Sequence layout. For tokens (B, T), T ≤ h·w, in raster order, the network reads
 
-    [cond, tokens[:, 0], ..., tokens[:, T-2]]                                   (B, T, D)
+    [r_0, ..., r_{L-1}, start, tokens[:, 0], ..., tokens[:, T-2]]               (B, L + T, D)
 
 and `logits[:, i]` is the distribution of `tokens[:, i]` given the condition and `tokens[:, :i]`: the targets are
-the tokens themselves, no shift is needed by the caller. `cond` is a learned start vector for an unconditional
+the tokens themselves, no shift is needed by the caller. `start` is a learned start vector for an unconditional
 prior, or the embedding of the class for a class-conditional one (its own table of `num_classes + 1` rows; row
 `num_classes` is the "null" class used for label dropout in training and for classifier-free guidance) plus a
 learned position of its own. Token j carries the position embedding row[j // w] + col[j % w].
+
+`r` is the optional spatial condition (Taming Transformers, section 3.2): the L = hc·wc tokens, in raster order,
+of a condition image (an edge map, a low-resolution image, a segmentation) from a second tokenizer trained on
+that modality, with their own embedding table and row/column position tables. The network predicts only the
+image tokens: the head reads the last T positions, so the likelihood is p(s | r) over the image tokens s, and
+nothing is spent on modelling r. Without a spatial condition L = 0 and the layout is the plain one above.
 
 Sampling lives beside the model in `vqim.sampling` (prefill + cached decode, guidance, top-k / top-p).
 """
@@ -27,7 +33,8 @@ from torch import nn
 
 from vqim.checkpoint import PretrainedMixin
 from vqim.config import PriorConfig, get_prior_config
-from vqim.nn.transformer import Transformer
+from vqim.nn.linear import Linear
+from vqim.nn.transformer import KVCache, Transformer
 
 if TYPE_CHECKING:
     from vqim.tokenizer import Tokenizer
@@ -85,10 +92,17 @@ class Prior(PretrainedMixin, nn.Module):
             self.class_embed = None
             self.cond_pos = None
             self.start = nn.Parameter(torch.zeros(c.dim))  # learned start token
+        if c.spatial:
+            hc, wc = c.cond_grid_size
+            self.cond_embed = nn.Embedding(c.cond_vocab_size, c.dim)
+            self.cond_pos_row = nn.Parameter(torch.zeros(hc, c.dim))
+            self.cond_pos_col = nn.Parameter(torch.zeros(wc, c.dim))
+        else:
+            self.cond_embed = self.cond_pos_row = self.cond_pos_col = None
         self.drop = nn.Dropout(c.dropout)
         # Blocks + final LayerNorm; dropout on residual branches, MLP activations and attention probabilities.
         self.transformer = Transformer(c.dim, c.depth, c.heads, c.mlp_dim, c.dropout, causal=True)
-        self.head = nn.Linear(c.dim, c.vocab_size)
+        self.head = Linear(c.dim, c.vocab_size)
         self.reset_parameters()
 
     # ------------------------------------------------------------------ construction
@@ -111,7 +125,14 @@ class Prior(PretrainedMixin, nn.Module):
         for blk in self.transformer.blocks:
             nn.init.normal_(blk.attn.proj.weight, std=residual_std)
             nn.init.normal_(blk.mlp.fc2.weight, std=residual_std)
-        for p in (self.pos_row, self.pos_col, self.cond_pos, self.start):
+        for p in (
+            self.pos_row,
+            self.pos_col,
+            self.cond_pos,
+            self.start,
+            self.cond_pos_row,
+            self.cond_pos_col,
+        ):
             if p is not None:
                 nn.init.normal_(p, std=std)
 
@@ -153,9 +174,10 @@ class Prior(PretrainedMixin, nn.Module):
         """Parameter counts: embeddings (token, position, class/start), Transformer, head and the total."""
         count = lambda ps: sum(p.numel() for p in ps)
         emb = [self.tok_embed.weight, self.pos_row, self.pos_col]
-        emb += [p for p in (self.cond_pos, self.start) if p is not None]
-        if self.class_embed is not None:
-            emb.append(self.class_embed.weight)
+        emb += [p for p in (self.cond_pos, self.start, self.cond_pos_row, self.cond_pos_col) if p is not None]
+        for table in (self.class_embed, self.cond_embed):
+            if table is not None:
+                emb.append(table.weight)
         return {
             "embeddings": count(emb),
             "transformer": count(self.transformer.parameters()),
@@ -223,14 +245,62 @@ class Prior(PretrainedMixin, nn.Module):
             )
         return labels.to(self.device, torch.long)
 
+    def check_condition(self, condition: Any, batch_size: int, values: bool = True) -> torch.Tensor | None:
+        """Validate spatial condition tokens: (B, hc, wc), (B, hc·wc), or one grid (hc, wc) for every row.
+
+        Returns a LongTensor (B, hc·wc) on the model's device, or None for a prior without a spatial condition.
+        `values=False`: types and shapes only (no host sync), as for `check_tokens`.
+        """
+        c = self.config
+        if not c.spatial:
+            if condition is not None:
+                raise ValueError(
+                    "this prior has no spatial condition (cond_vocab_size = 0): pass condition=None"
+                )
+            return None
+        hc, wc = c.cond_grid_size
+        if condition is None:
+            raise ValueError(
+                f"this prior is conditioned on a {hc}×{wc} grid of condition tokens: pass condition, a LongTensor "
+                f"(B, {hc}, {wc}) of ids in [0, {c.cond_vocab_size}) from the condition tokenizer"
+            )
+        if not isinstance(condition, torch.Tensor):
+            raise ValueError(
+                f"condition must be a LongTensor (B, {hc}, {wc}), got {type(condition).__name__}"
+            )
+        if condition.is_floating_point() or condition.is_complex() or condition.dtype == torch.bool:
+            raise ValueError(f"condition tokens must be integers, got dtype {condition.dtype}")
+        if condition.ndim == 2 and tuple(condition.shape) == (hc, wc) and (batch_size, hc * wc) != (hc, wc):
+            condition = condition.reshape(1, hc * wc).expand(batch_size, -1)
+        elif condition.ndim == 3 and tuple(condition.shape[1:]) == (hc, wc):
+            condition = condition.reshape(condition.shape[0], hc * wc)
+        if condition.ndim != 2 or tuple(condition.shape) != (batch_size, hc * wc):
+            raise ValueError(
+                f"condition must be condition tokens of shape ({batch_size}, {hc}, {wc}) (the prior's condition "
+                f"grid), got {tuple(condition.shape)}: encode the condition with the condition tokenizer the "
+                "prior was trained with"
+            )
+        v = c.cond_vocab_size
+        if values and bool(((condition < 0) | (condition >= v)).any()):
+            raise ValueError(
+                f"condition token ids must be in [0, {v}) (the condition tokenizer's codebook), got values in "
+                f"[{int(condition.min())}, {int(condition.max())}]"
+            )
+        return condition.to(self.device, torch.long)
+
     # ------------------------------------------------------------------ model pieces (also used by sampling)
     def position_table(self) -> torch.Tensor:
         """Position embedding of every grid position in raster order, (h·w, D)."""
         h, w = self.config.grid_size
         return (self.pos_row[:, None, :] + self.pos_col[None, :, :]).reshape(h * w, -1)
 
-    def embed_condition(self, labels: torch.Tensor | None, batch_size: int) -> torch.Tensor:
-        """The first input vector of each row, (B, 1, D): the start token, or class embedding + its position.
+    def cond_position_table(self) -> torch.Tensor:
+        """Position embedding of every condition-grid position in raster order, (hc·wc, D)."""
+        return (self.cond_pos_row[:, None, :] + self.cond_pos_col[None, :, :]).flatten(0, 1)
+
+    def embed_start(self, labels: torch.Tensor | None, batch_size: int) -> torch.Tensor:
+        """The input vector that predicts the first image token, (B, 1, D): the start token, or class
+        embedding + its position.
 
         Args:
             labels: LongTensor (B,) already checked (see `check_labels`), or None for an unconditional prior.
@@ -239,6 +309,27 @@ class Prior(PretrainedMixin, nn.Module):
         if self.class_embed is None:
             return self.start.expand(batch_size, 1, -1)
         return (self.class_embed(labels) + self.cond_pos)[:, None, :]
+
+    def embed_prefix(
+        self, labels: torch.Tensor | None, condition: torch.Tensor | None, batch_size: int
+    ) -> torch.Tensor:
+        """Every input vector before the first image token, (B, L + 1, D): the spatial condition's L tokens
+        (none without one), then the start vector.
+
+        Args:
+            labels: checked labels (B,) or None (see `check_labels`).
+            condition: checked condition tokens (B, L) or None (see `check_condition`).
+            batch_size: B.
+        """
+        start = self.embed_start(labels, batch_size)
+        if condition is None:
+            return start
+        return torch.cat([self.cond_embed(condition) + self.cond_position_table(), start], dim=1)
+
+    def extend(self, x: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
+        """Cached decoding: run input vectors x (B, N, D), the N positions after those in `caches`, through
+        the network, appending their keys and values; return the logits (B, V) at the last of them."""
+        return self.head(self.transformer(x, caches=caches)[:, -1])
 
     def drop_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Replace each label by the null class with probability class_dropout (training only)."""
@@ -255,6 +346,8 @@ class Prior(PretrainedMixin, nn.Module):
         labels: LabelsLike = None,
         return_blocks: Iterable[int] | None = None,
         check_values: bool = True,
+        *,
+        condition: torch.Tensor | None = None,
     ) -> PriorOutput:
         """Next-token logits for every position of tokens.
 
@@ -265,43 +358,46 @@ class Prior(PretrainedMixin, nn.Module):
                 becomes the null class with probability class_dropout.
             return_blocks: 0-based block indices whose outputs to return in `PriorOutput.blocks`.
             check_values: check that ids and labels are in range (a host sync; the trainer turns it off).
+            condition: spatial condition tokens (B, hc, wc) of a prior with a spatial condition; None otherwise.
 
         Returns:
             `PriorOutput` with logits (B, T, V): logits[:, i] is the distribution of tokens[:, i] given the
-            condition and tokens[:, :i].
+            condition and tokens[:, :i]. The condition positions get no logits: the likelihood is the image
+            tokens' alone.
         """
         tokens = self.check_tokens(tokens, check_values)
         b, t = tokens.shape
         labels = self.check_labels(labels, b, check_values)
         if labels is not None:
             labels = self.drop_labels(labels)
+        condition = self.check_condition(condition, b, check_values)
         taps = None
         if return_blocks is not None:
             taps = sorted({int(i) for i in return_blocks})
             depth = self.config.depth
             if any(not 0 <= i < depth for i in taps):
                 raise ValueError(f"return_blocks must be block indices in [0, {depth}), got {taps}")
-        cond = self.embed_condition(labels, b)  # (B, 1, D)
+        prefix = self.embed_prefix(labels, condition, b)  # (B, L + 1, D)
         body = self.tok_embed(tokens[:, : t - 1]) + self.position_table()[: t - 1]  # (B, T-1, D)
-        x = self.drop(torch.cat([cond, body], dim=1))  # (B, T, D)
+        x = self.drop(torch.cat([prefix, body], dim=1))  # (B, L + T, D)
+        skip = self.config.cond_len  # condition positions: no prediction is read there
         if taps is None:
-            return PriorOutput(logits=self.head(self.transformer(x)))
+            return PriorOutput(logits=self.head(self.transformer(x)[:, skip:]))
         x, blocks = self.transformer(x, return_blocks=taps)
-        return PriorOutput(logits=self.head(x), blocks=blocks)
+        return PriorOutput(logits=self.head(x[:, skip:]), blocks={i: v[:, skip:] for i, v in blocks.items()})
 
-    def loss(self, tokens: torch.Tensor, labels: LabelsLike = None) -> torch.Tensor:
-        """Mean next-token cross-entropy in nats per token (a scalar); divide by ln 2 for bits per token.
+    def loss(
+        self, tokens: torch.Tensor, labels: LabelsLike = None, *, condition: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Mean next-token cross-entropy over the image tokens in nats per token (a scalar); divide by ln 2 for
+        bits per token.
 
         Args:
-            tokens, labels: as in `forward`.
+            tokens, labels, condition: as in `forward`.
         """
         tokens = self.check_tokens(tokens)
-        logits = self(tokens, labels).logits  # (B, T, V)
+        logits = self(tokens, labels, condition=condition).logits  # (B, T, V)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens.reshape(-1))
-
-    def bits_per_token(self, tokens: torch.Tensor, labels: LabelsLike = None) -> torch.Tensor:
-        """`loss` in bits per token."""
-        return nats_to_bits(self.loss(tokens, labels))
 
     # ------------------------------------------------------------------ sampling
     def generate(
@@ -313,11 +409,17 @@ class Prior(PretrainedMixin, nn.Module):
         top_p: float | None = None,
         cfg_scale: float = 1.0,
         seed: int | None = None,
+        **kwargs: Any,
     ) -> torch.Tensor:
-        """Sample n token grids, LongTensor (n, h, w), with the KV cache. See `vqim.sampling.generate`."""
+        """Sample n token grids, LongTensor (n, h, w) (or (n, H, W) for `grid=(H, W)`), with the KV cache.
+
+        Keyword arguments `condition`, `prefix`, `known`, `keep` and `grid` give spatial conditioning,
+        completion, inpainting and sliding-window sampling beyond the training grid: see
+        `vqim.sampling.generate`.
+        """
         from vqim.sampling import generate
 
-        return generate(self, n, labels, temperature, top_k, top_p, cfg_scale, seed)
+        return generate(self, n, labels, temperature, top_k, top_p, cfg_scale, seed, **kwargs)
 
 
 def nats_to_bits(x: torch.Tensor | float) -> torch.Tensor | float:
@@ -327,7 +429,8 @@ def nats_to_bits(x: torch.Tensor | float) -> torch.Tensor | float:
 
 @torch.no_grad()
 def bits_per_token(prior: Prior, dataset, batch_size: int = 64, device: str | torch.device = "cpu") -> float:
-    """Mean bits per token of a `vqim.tokens.TokenDataset` under the prior (eval mode; labels when conditional).
+    """Mean bits per image token of a `vqim.tokens.TokenDataset` under the prior (eval mode; with the labels
+    and the spatial condition when the prior reads them).
 
     Args:
         prior: the prior (its training mode is restored afterwards).
@@ -345,7 +448,8 @@ def bits_per_token(prior: Prior, dataset, batch_size: int = 64, device: str | to
     for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate_tokens):
         tokens = batch["tokens"].to(device)
         labels = batch["label"].to(device) if prior.config.num_classes > 0 else None
-        logits = prior(tokens, labels).logits.float()
+        cond = batch["condition"].to(device) if "condition" in batch and prior.config.spatial else None
+        logits = prior(tokens, labels, condition=cond).logits.float()
         total += float(F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="sum"))
         count += tokens.numel()
     prior.train(was)

@@ -1,17 +1,15 @@
 """Sampling from a `Prior`: temperature / top-k / top-p, classifier-free guidance, prefill + cached decode.
 
-`generate` runs the condition token through the network once (prefill), then decodes one token at a time:
-each step feeds only the newest token and attends over keys and values kept in a preallocated per-layer
-`KVCache`, so a step costs one pass over the weights instead of a pass over the whole prefix.
-`generate_recompute` recomputes the full prefix every step; it is the slow reference for tests and benchmarks.
+`generate` runs the prefix (spatial condition, class or start token) through the network once (prefill), then
+decodes one token at a time: each step feeds only the newest token and attends over keys and values kept in a
+preallocated per-layer `KVCache`, so a step costs one pass over the weights instead of a pass over the whole
+prefix. The step is the prior's own network (`Prior.extend`, the modules that train), so a change to the block
+changes training and sampling alike; its linear layers compute the few-row products of decoding with the
+row-split CPU kernel of `vqim.nn.linear`. `generate_recompute` runs the whole prefix through the network every
+step; it is the slow reference for tests and benchmarks.
 
-Decoding one token is bound by reading the weights once per step (batch 1) or by small-M matrix products
-(batch 8), so the step (`Decoder.step`) is a flat loop of tensor ops over the blocks' weights, with none of the
-per-module Python of `nn.Module.__call__`, and in-place residual adds. On CPU each product `x W^T` runs as one
-batched GEMM over 16 (or 8, 4, 2) row blocks of W: PyTorch's one-row linear is a single-threaded GEMV that
-streams the weights at one core's memory bandwidth, and its few-row linear repacks each weight on every call;
-the batched form keeps every thread streaming (2.9× faster per step at batch 1, 1.3× at batch 8, measured).
-It computes the same function as `Prior.forward`, up to float rounding (tests check ≤ 1e-5).
+The same loop completes images (kept tokens are fed, not sampled; runs of them go in as one prefill) and
+samples canvases larger than the training grid with a sliding window (`window_origin`).
 
 Classifier-free guidance (Ho & Salimans 2022; LlamaGen) runs the conditional rows and the same number of
 null-class rows as one batch of 2n and samples from  logits = uncond + s · (cond − uncond);  s = 1 is plain
@@ -20,14 +18,10 @@ conditional sampling and runs only the n conditional rows.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-from vqim.nn.transformer import KVCache
 
 if TYPE_CHECKING:
     from vqim.prior import LabelsLike, Prior
@@ -85,89 +79,113 @@ def sample_logits(
     return choice.squeeze(-1)
 
 
-def _split_count(out_features: int) -> int:
-    """Row blocks for a split matrix-vector product: 16, 8, 4 or 2, whichever divides the output width (0: none)."""
-    return next((s for s in (16, 8, 4, 2) if out_features % s == 0), 0)
+def window_origin(i: int, j: int, canvas: tuple[int, int], grid: tuple[int, int]) -> tuple[int, int]:
+    """Top-left corner (r0, c0) of the training-size window that predicts canvas position (i, j).
 
-
-def _linear_fn(layer: nn.Linear, rows: int, split: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
-    """x (rows, in) → layer(x): as a batched product over row blocks of the weight when `split`, else F.linear."""
-    w, b = layer.weight.detach(), None if layer.bias is None else layer.bias.detach()
-    n_split = _split_count(w.shape[0]) if split else 0
-    if n_split:
-        # On CPU a one-row F.linear is a single-threaded GEMV that streams the weight at one core's bandwidth;
-        # the same product as a batch of n_split (out/n_split × in) · (in × rows) GEMMs runs on every thread
-        # (benchmarks/sampling_speed.py). Same sums, different rounding order.
-        ws = w.contiguous().view(n_split, -1, w.shape[1])
-        bs = None if b is None else b.view(n_split, -1, 1)
-
-        def split_linear(x: torch.Tensor) -> torch.Tensor:
-            # x (1, in) transposed to (in, 1) with strides (1, in): MKL takes it as a transposed operand and
-            # runs the batched GEMM path; the same column made contiguous (strides (1, 1)) is 5× slower.
-            xt = x.reshape(rows, -1).t().expand(n_split, -1, -1)
-            y = torch.bmm(ws, xt) if bs is None else torch.baddbmm(bs, ws, xt)
-            return y.permute(2, 0, 1).reshape(rows, -1)  # (S, out/S, rows) → (rows, out)
-
-        return split_linear
-    return lambda x: F.linear(x, w, b)
-
-
-class Decoder:
-    """Incremental decoding state of a prior for `rows` sequences: one preallocated `KVCache` per block.
-
-    `step(x)` takes the input vectors of the newest position, (rows, D), appends its keys and values to the
-    caches and returns next-token logits (rows, V), which equal `Prior.forward`'s logits at that position up to
-    float rounding. Dropout is not applied (sampling runs the model in eval mode). The weights are read from the
-    prior's modules when the decoder is built; build a new decoder after changing them.
-
-    Args:
-        prior: a `vqim.Prior`.
-        rows: number of sequences decoded together.
-        max_len: positions to hold, condition included (at most h·w).
-        split: compute each product as one batched GEMM over row blocks of the weight, so every thread streams
-            part of it; None = on CPU in fp32.
+    The window of h×w tokens is centred on the position where the canvas allows and pushed inside at the edges
+    (Taming Transformers' sliding-window sampling): r0 = clamp(i − h//2, 0, H − h), likewise for columns. Every
+    window position before (i, j) in the window's raster order is a canvas position before (i, j) in the
+    canvas's raster order, so the window only ever reads tokens already sampled.
     """
+    (hh, ww), (h, w) = canvas, grid
+    return min(max(i - h // 2, 0), hh - h), min(max(j - w // 2, 0), ww - w)
 
-    def __init__(self, prior: Prior, rows: int, max_len: int, split: bool | None = None) -> None:
-        w = prior.head.weight
-        if split is None:
-            split = w.device.type == "cpu" and w.dtype == torch.float32
-        self.rows, self.split = rows, split
-        self.dim = prior.config.dim
-        self.caches = prior.transformer.new_caches(rows, max_len)
-        self.layers = []
-        for blk in prior.transformer.blocks:
-            a, m = blk.attn, blk.mlp
-            self.layers.append(
-                (
-                    (blk.norm1.weight, blk.norm1.bias, blk.norm1.eps),
-                    _linear_fn(a.qkv, rows, self.split),
-                    _linear_fn(a.proj, rows, self.split),
-                    (blk.norm2.weight, blk.norm2.bias, blk.norm2.eps),
-                    _linear_fn(m.fc1, rows, self.split),
-                    _linear_fn(m.fc2, rows, self.split),
-                    a.heads,
-                    a.head_dim,
-                )
-            )
-        norm = prior.transformer.norm
-        self.norm = (norm.weight, norm.bias, norm.eps)
-        self.head = _linear_fn(prior.head, rows, self.split)
 
-    def step(self, x: torch.Tensor) -> torch.Tensor:
-        """Input vectors (rows, D) of the next position → logits (rows, V) for the token after it."""
-        r, d = x.shape
-        x = x.clone()  # the residual stream, updated in place below
-        cache: KVCache
-        for cache, (ln1, qkv, proj, ln2, fc1, fc2, heads, hd) in zip(self.caches, self.layers):
-            h = F.layer_norm(x, (d,), *ln1)
-            q, k, v = qkv(h).view(r, 3, heads, 1, hd).unbind(1)  # each (R, H, 1, hd)
-            k, v = cache.append(k, v)  # (R, H, L, hd): every cached position, this one included
-            y = F.scaled_dot_product_attention(q, k, v)  # (R, H, 1, hd)
-            x.add_(proj(y.reshape(r, d)))
-            h = F.layer_norm(x, (d,), *ln2)
-            x.add_(fc2(F.gelu(fc1(h))))
-        return self.head(F.layer_norm(x, (d,), *self.norm))
+def _check_grid(prior: Prior, grid: Any) -> tuple[int, int]:
+    h, w = prior.config.grid_size
+    if grid is None:
+        return h, w
+    if (
+        not isinstance(grid, (tuple, list))
+        or len(grid) != 2
+        or not all(isinstance(g, int) and not isinstance(g, bool) for g in grid)
+    ):
+        raise ValueError(f"grid must be two ints (H, W), got {grid!r}")
+    if grid[0] < h or grid[1] < w:
+        raise ValueError(
+            f"grid {tuple(grid)} is smaller than the prior's {h}×{w} training grid; the sliding window needs a "
+            f"canvas of at least {h}×{w} tokens"
+        )
+    return int(grid[0]), int(grid[1])
+
+
+def _check_ids(t: Any, name: str, vocab: int, what: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name} must be an integer tensor of {what} ids, got {got}")
+    if t.numel() and bool(((t < 0) | (t >= vocab)).any()):
+        raise ValueError(
+            f"{name} ids must be in [0, {vocab}), got values in [{int(t.min())}, {int(t.max())}]"
+        )
+    return t.long()
+
+
+def _known_tokens(
+    prior: Prior, n: int, canvas: tuple[int, int], prefix: Any, known: Any, keep: Any
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(given ids (n, H·W), kept mask (n, H·W)) from `prefix` or `known` + `keep`; None when neither is given."""
+    hh, ww = canvas
+    total, v, dev = hh * ww, prior.config.vocab_size, prior.device
+    if prefix is not None and (known is not None or keep is not None):
+        raise ValueError("pass either prefix (a raster prefix) or known + keep (a mask), not both")
+    if prefix is not None:
+        prefix = _check_ids(prefix, "prefix", v, "token")
+        if prefix.ndim == 1:
+            prefix = prefix[None].expand(n, -1)
+        if prefix.ndim != 2 or prefix.shape[0] != n:
+            raise ValueError(f"prefix must have shape (k,) or ({n}, k), got {tuple(prefix.shape)}")
+        k = prefix.shape[1]
+        if not 1 <= k <= total:
+            raise ValueError(f"prefix length {k} must be in [1, {total}] (the {hh}×{ww} grid's tokens)")
+        given = torch.zeros(n, total, dtype=torch.long, device=dev)
+        given[:, :k] = prefix.to(dev)
+        kept = torch.zeros(n, total, dtype=torch.bool, device=dev)
+        kept[:, :k] = True
+        return given, kept
+    if known is None and keep is None:
+        return None
+    if known is None or keep is None:
+        raise ValueError(
+            "inpainting needs both known (token grid (n, H, W)) and keep (bool mask (H, W) or (n, H, W))"
+        )
+    known = _check_ids(known, "known", v, "token")
+    if known.ndim == 2:
+        known = known[None].expand(n, -1, -1)
+    if tuple(known.shape) != (n, hh, ww):
+        raise ValueError(f"known must have shape ({n}, {hh}, {ww}) or ({hh}, {ww}), got {tuple(known.shape)}")
+    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool:
+        raise ValueError("keep must be a bool tensor (True = keep the known token)")
+    if keep.ndim == 2:
+        keep = keep[None].expand(n, -1, -1)
+    if tuple(keep.shape) != (n, hh, ww):
+        raise ValueError(f"keep must have shape ({hh}, {ww}) or ({n}, {hh}, {ww}), got {tuple(keep.shape)}")
+    return known.reshape(n, total).to(dev), keep.reshape(n, total).to(dev)
+
+
+def _condition_canvas(prior: Prior, condition: Any, n: int, canvas: tuple[int, int]) -> torch.Tensor | None:
+    """Condition tokens as a canvas (n, Hc, Wc) (the prior's condition grid, or the image canvas when sliding)."""
+    cfg = prior.config
+    if canvas == tuple(cfg.grid_size) or not cfg.spatial:
+        cond = prior.check_condition(condition, n)
+        return None if cond is None else cond.view(n, *cfg.cond_grid_size)
+    if tuple(cfg.cond_grid_size) != tuple(cfg.grid_size):
+        raise ValueError(
+            f"sliding-window sampling with a spatial condition needs the condition grid {cfg.cond_grid_size} to "
+            f"equal the image grid {cfg.grid_size}, so that each window reads the condition's matching window"
+        )
+    if condition is None:
+        raise ValueError(
+            f"this prior is spatially conditioned: pass condition tokens ({n}, {canvas[0]}, {canvas[1]})"
+        )
+    cond = _check_ids(condition, "condition", cfg.cond_vocab_size, "condition token")
+    if cond.ndim == 2:
+        cond = cond[None].expand(n, -1, -1)
+    if tuple(cond.shape) != (n, *canvas):
+        raise ValueError(
+            f"for a {canvas[0]}×{canvas[1]} canvas the condition must be a token grid of the same size, "
+            f"({n}, {canvas[0]}, {canvas[1]}), got {tuple(cond.shape)}"
+        )
+    return cond.to(prior.device)
 
 
 def generate(
@@ -180,24 +198,45 @@ def generate(
     cfg_scale: float = 1.0,
     seed: int | None = None,
     *,
+    condition: torch.Tensor | None = None,
+    prefix: torch.Tensor | None = None,
+    known: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
+    grid: tuple[int, int] | None = None,
     num_tokens: int | None = None,
 ) -> torch.Tensor:
-    """Sample token grids from a prior with the KV cache: prefill the condition, then decode token by token.
+    """Sample token grids from a prior in raster order with the KV cache (prefill, then one token per step).
+
+    Completion and inpainting: `prefix` keeps the first k raster-order tokens verbatim and samples the rest;
+    `known` + `keep` keep the known tokens wherever `keep` is True and sample the others in raster order, each
+    conditioned on every token before it (kept or sampled). Raster order cannot see ahead: a sampled token is
+    not conditioned on kept tokens after it (below it, or to its right in its row).
+
+    Sliding window: with `grid=(H, W)` larger than the training grid (h, w), each token is sampled from the prior
+    applied to the h×w window around it (`window_origin`), with window-relative positions; keys and values are
+    reused while the window stays put. On the training grid this is the plain sampler, token for token.
 
     Args:
         prior: a `vqim.Prior`; it runs in eval mode and inference_mode inside, and its mode is restored after.
         n: number of samples.
         labels: class ids (n,), or one int for all, of a conditional prior; None for an unconditional one.
         temperature, top_k, top_p: see `sample_logits`.
-        cfg_scale: classifier-free guidance scale s (conditional priors; 1 = no guidance).
+        cfg_scale: classifier-free guidance scale s on the class (conditional priors; 1 = no guidance).
         seed: seeds a torch.Generator on the prior's device, so the same seed gives the same samples;
             None draws from torch's global generator.
+        condition: spatial condition tokens of a spatially conditioned prior: (n, hc, wc) or one grid (hc, wc);
+            for a canvas larger than the training grid, a condition canvas of the canvas's size.
+        prefix: token ids (k,) or (n, k) to keep as the first k raster-order tokens.
+        known: token ids (n, H, W) or (H, W), kept where `keep` is True.
+        keep: bool mask (H, W) or (n, H, W) of the known tokens to keep.
+        grid: canvas (H, W) in tokens, at least the training grid in each dimension (None = the training grid).
         num_tokens: stop after this many raster-order tokens and return (n, num_tokens) (for benchmarks).
 
     Returns:
-        LongTensor (n, h, w) of token ids on the prior's device (or (n, num_tokens), see above).
+        LongTensor (n, H, W) of token ids on the prior's device (or (n, num_tokens), see above).
     """
-    return _sample(prior, n, labels, temperature, top_k, top_p, cfg_scale, seed, num_tokens, cache=True)
+    return _sample(prior, n, labels, temperature, top_k, top_p, cfg_scale, seed, condition, prefix, known, keep,
+                   grid, num_tokens, cache=True)  # fmt: skip
 
 
 def generate_recompute(
@@ -209,15 +248,19 @@ def generate_recompute(
     top_p: float | None = None,
     cfg_scale: float = 1.0,
     seed: int | None = None,
-    *,
-    num_tokens: int | None = None,
+    **kwargs: Any,
 ) -> torch.Tensor:
-    """`generate` without the KV cache: every step runs the whole prefix through the network again.
+    """`generate` without the KV cache: every step runs the whole (window) prefix through `Prior.forward`'s
+    network again.
 
     The slow reference: with the same seed it draws the same random numbers in the same order as `generate`,
     so the two agree token for token up to floating-point ties. Arguments as in `generate`.
     """
-    return _sample(prior, n, labels, temperature, top_k, top_p, cfg_scale, seed, num_tokens, cache=False)
+    kw = {k: kwargs.pop(k, None) for k in ("condition", "prefix", "known", "keep", "grid", "num_tokens")}
+    if kwargs:
+        raise TypeError(f"unexpected arguments {sorted(kwargs)}")
+    return _sample(prior, n, labels, temperature, top_k, top_p, cfg_scale, seed, kw["condition"], kw["prefix"],
+                   kw["known"], kw["keep"], kw["grid"], kw["num_tokens"], cache=False)  # fmt: skip
 
 
 @torch.no_grad()
@@ -230,6 +273,11 @@ def _sample(
     top_p: float | None,
     cfg_scale: float,
     seed: int | None,
+    condition: Any,
+    prefix: Any,
+    known: Any,
+    keep: Any,
+    grid: Any,
     num_tokens: int | None,
     cache: bool,
 ) -> torch.Tensor:
@@ -237,52 +285,89 @@ def _sample(
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
     check_sampling_args(temperature, top_k, top_p)
-    total = cfg.seq_len if num_tokens is None else num_tokens
-    if not 1 <= total <= cfg.seq_len:
-        raise ValueError(f"num_tokens must be in [1, h·w = {cfg.seq_len}], got {num_tokens}")
+    h, w = cfg.grid_size
+    canvas = _check_grid(prior, grid)
+    hh, ww = canvas
+    total = hh * ww if num_tokens is None else num_tokens
+    if not 1 <= total <= hh * ww:
+        raise ValueError(f"num_tokens must be in [1, H·W = {hh * ww}], got {num_tokens}")
     guided = cfg_scale != 1.0
     if guided and not cfg.conditional:
         raise ValueError("classifier-free guidance (cfg_scale != 1) needs a class-conditional prior")
     labels = prior.check_labels(labels, n)  # (n,) or None
+    cond = _condition_canvas(prior, condition, n, canvas)  # (n, Hc, Wc) or None
+    fixed = _known_tokens(prior, n, canvas, prefix, known, keep)
     rows = n
     if guided:
         labels = torch.cat([labels, torch.full_like(labels, cfg.num_classes)])  # conditional, then null rows
+        cond = None if cond is None else cond.repeat(2, 1, 1)  # both halves see the same spatial condition
         rows = 2 * n
     device = prior.device
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    sliding = canvas != (h, w)
 
-    out = torch.empty(n, total, dtype=torch.long, device=device)  # sampled ids, filled column by column
+    out = torch.empty(n, total, dtype=torch.long, device=device)  # sampled ids, filled position by position
+    if fixed is not None:
+        given, kept = fixed[0][:, :total], fixed[1][:, :total]
+        all_kept, any_kept = kept.all(0).tolist(), kept.any(0).tolist()
     was_training = prior.training
     prior.eval()
     try:
         # inference_mode: no autograd bookkeeping on the ~20 small ops per block and step. Only `out`, made
         # outside it, leaves this block, so callers get an ordinary tensor.
         with torch.inference_mode():
-            cond = prior.embed_condition(labels, rows)  # (R, 1, D)
             pos = prior.position_table()  # (h·w, D), computed once
             emb = prior.tok_embed.weight  # (V, D)
-            # Positions held: the condition and tokens 0 .. total-2 (the last sampled token is never fed back).
-            decoder = Decoder(prior, rows, total) if cache else None
-            x = cond[:, 0]  # (R, D)
-            for i in range(total):
-                if decoder is not None:
-                    logits = decoder.step(x)  # only the newest position → (R, V)
+            # The cache holds the prefix (condition and start) and at most h·w − 1 image tokens of one window.
+            caches = prior.transformer.new_caches(rows, cfg.cond_len + h * w) if cache else None
+            # The cached window's origin, how many of its image positions the cache holds, its prefix vectors.
+            window, fed, head = None, 0, None
+
+            def image_inputs(r0: int, c0: int, a: int, b: int) -> torch.Tensor:
+                """Input vectors (R, b − a, D) of window positions a .. b−1 of the window at (r0, c0)."""
+                if b - a == 1:  # one decode step: a slice, no index tensor
+                    k = (r0 + a // w) * ww + c0 + a % w
+                    ids = out[:, k : k + 1]
                 else:
-                    prefix = out[:, :i].repeat(rows // n, 1)  # (R, i)
-                    seq = torch.cat([cond, F.embedding(prefix, emb) + pos[:i]], dim=1)  # (R, i+1, D)
-                    logits = prior.head(prior.transformer(seq)[:, -1])  # the whole prefix again
+                    local = torch.arange(a, b, device=device)
+                    ids = out[:, (r0 + local // w) * ww + c0 + local % w]  # (n, b − a)
                 if guided:
-                    c, u = logits[:n], logits[n:]
-                    logits = u + cfg_scale * (c - u)
+                    ids = ids.repeat(2, 1)  # both halves continue with the same tokens
+                return F.embedding(ids, emb) + pos[a:b]
+
+            for p in range(total):
+                if fixed is not None and all_kept[p]:
+                    out[:, p] = given[:, p]  # kept in every row: no prediction needed here
+                    continue
+                i, j = divmod(p, ww)
+                r0, c0 = window_origin(i, j, canvas, (h, w))  # (0, 0) throughout on the training grid
+                here = (i - r0) * w + (j - c0)  # the position's index in its window's raster order
+                if not cache or (r0, c0) != window or fed > here:
+                    if head is None or (sliding and cond is not None):  # the condition's window moved too
+                        c = None if cond is None else cond[:, r0 : r0 + h, c0 : c0 + w].reshape(rows, -1)
+                        head = prior.embed_prefix(labels, c, rows)  # (R, L + 1, D)
+                    x = torch.cat([head, image_inputs(r0, c0, 0, here)], dim=1) if here else head
+                    if cache:
+                        for kv in caches:
+                            kv.clear()
+                        logits = prior.extend(x, caches)
+                    else:
+                        logits = prior.head(prior.transformer(x)[:, -1])  # the whole prefix again
+                    window = (r0, c0)
+                else:
+                    logits = prior.extend(image_inputs(r0, c0, fed, here), caches)  # only the new positions
+                fed = here
+                if guided:
+                    c_, u = logits[:n], logits[n:]
+                    logits = u + cfg_scale * (c_ - u)
                 tok = sample_logits(logits, temperature, top_k, top_p, generator)  # (n,)
-                out[:, i] = tok
-                if decoder is not None and i + 1 < total:
-                    fed = torch.cat([tok, tok]) if guided else tok  # both halves continue with the same token
-                    x = F.embedding(fed, emb).add_(pos[i])  # (R, D)
+                if fixed is not None and any_kept[p]:
+                    tok = torch.where(kept[:, p], given[:, p], tok)
+                out[:, p] = tok
     finally:
         prior.train(was_training)
     if num_tokens is None:
-        return out.view(n, *cfg.grid_size)
+        return out.view(n, hh, ww)
     return out
 
 
@@ -291,41 +376,39 @@ def generate_images(
     prior: Prior,
     n: int,
     labels: LabelsLike = None,
-    **sampling_kwargs,
+    **sampling_kwargs: Any,
 ) -> torch.Tensor:
     """Sample n token grids from the prior and decode them: images (n, 3, H, W) in [0, 1].
 
     Args:
         tokenizer: a `vqim.Tokenizer` whose codebook_size and grid_size match the prior's vocab_size and
-            grid_size.
+            grid_size (`vqim.prior.load_prior_and_tokenizer` loads a checked pair).
         prior: a `vqim.Prior`.
         n: number of images.
         labels: class ids of a conditional prior (see `generate`).
-        **sampling_kwargs: temperature, top_k, top_p, cfg_scale, seed (see `generate`).
+        **sampling_kwargs: any keyword of `generate` (temperature, top_k, top_p, cfg_scale, seed, condition,
+            prefix, known, keep, grid).
     """
     tcfg, pcfg = tokenizer.config, prior.config
-    if tcfg.codebook_size != pcfg.vocab_size:
+    if tcfg.codebook_size != pcfg.vocab_size or tuple(tokenizer.grid_size) != tuple(pcfg.grid_size):
         raise ValueError(
-            f"the prior's vocab_size {pcfg.vocab_size} does not match the tokenizer's codebook_size "
-            f"{tcfg.codebook_size}: train the prior on this tokenizer's tokens"
+            f"the tokenizer ({tcfg.codebook_size} codes, grid {tuple(tokenizer.grid_size)}) does not fit the "
+            f"prior (vocabulary {pcfg.vocab_size}, grid {tuple(pcfg.grid_size)}): use the tokenizer whose tokens "
+            "the prior was trained on"
         )
-    if tuple(tokenizer.grid_size) != tuple(pcfg.grid_size):
-        raise ValueError(
-            f"the prior's grid_size {tuple(pcfg.grid_size)} does not match the tokenizer's grid_size "
-            f"{tuple(tokenizer.grid_size)}"
-        )
-    bad = sorted(set(sampling_kwargs) - {"temperature", "top_k", "top_p", "cfg_scale", "seed"})
+    allowed = "temperature top_k top_p cfg_scale seed condition prefix known keep grid".split()
+    bad = sorted(set(sampling_kwargs) - set(allowed))
     if bad:
-        raise ValueError(f"unknown sampling arguments {bad}; use temperature, top_k, top_p, cfg_scale, seed")
-    ids = generate(prior, n, labels, **sampling_kwargs)  # (n, h, w)
+        raise ValueError(f"unknown sampling arguments {bad}; use {', '.join(allowed)}")
+    ids = generate(prior, n, labels, **sampling_kwargs)  # (n, H, W)
     return tokenizer.decode(ids.to(next(tokenizer.parameters()).device))
 
 
 __all__ = [
-    "Decoder",
-    "sample_logits",
-    "generate",
-    "generate_recompute",
-    "generate_images",
     "check_sampling_args",
+    "generate",
+    "generate_images",
+    "generate_recompute",
+    "sample_logits",
+    "window_origin",
 ]

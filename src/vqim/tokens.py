@@ -4,6 +4,8 @@ Layout of a token folder:
     manifest.json                 grid size, codebook size, tokenizer identity, count, shard list
     tokens-00000.npy ...          ids, (n, h, w), uint16 when the codebook fits, else int32
     labels-00000.npy ...          int64 labels (only when the data has labels)
+    cond-00000.npy ...            condition token ids, (n, hc, wc) (only with a spatial condition: the manifest's
+                                  "condition" records its spec, grid, codebook and condition tokenizer)
 
 Tokenizer identity. Token ids mean something only to the tokenizer that wrote them, so the manifest records
 `tokenizer_id` (`Tokenizer.fingerprint()`: a hash of the weights and the config) beside the older
@@ -107,6 +109,8 @@ def encode_dataset(
     num_workers: int = 0,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    condition: str | None = None,
+    condition_tokenizer: Tokenizer | None = None,
 ) -> dict[str, Any]:
     """Encode every image of dataset into token shards under out; returns the manifest.
 
@@ -118,44 +122,72 @@ def encode_dataset(
         shard_size: images per shard file.
         device: where to run the encoder.
         progress: show a progress bar.
+        condition: a spatial condition spec (`vqim.conditions`): each image's condition image is encoded by
+            `condition_tokenizer` into paired condition tokens.
+        condition_tokenizer: the tokenizer of the condition modality (required with `condition`).
     """
     from tqdm.auto import tqdm
 
+    from vqim.conditions import ConditionImages, collate_conditioned, parse_condition
     from vqim.data import collate
 
+    if (condition is None) != (condition_tokenizer is None):
+        raise ValueError("a spatial condition needs both --condition and --condition-tokenizer")
+    cond = None
+    if condition is not None:
+        cond = parse_condition(condition)
+        dataset = ConditionImages(dataset, cond)
+        condition_tokenizer.eval().to(device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tok.eval().to(device)
     dtype = np.uint16 if tok.config.codebook_size <= 65536 else np.int32
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+    cdtype = (
+        None
+        if cond is None
+        else (np.uint16 if condition_tokenizer.config.codebook_size <= 65536 else np.int32)
+    )
+    loader = DataLoader(
+        dataset, batch_size=batch_size, num_workers=num_workers,
+        collate_fn=collate if cond is None else collate_conditioned,
+    )  # fmt: skip
     shards: list[dict[str, Any]] = []
     ids_buf: list[np.ndarray] = []
     lab_buf: list[np.ndarray] = []
+    cond_buf: list[np.ndarray] = []
     has_labels = getattr(dataset, "class_names", None) is not None or any(
         lab >= 0 for lab in getattr(dataset, "labels", [])
     )
     skipped: list[str] = []
     count = 0
     grid: tuple[int, int] | None = None
+    cond_grid: tuple[int, int] | None = None
 
-    def write_shard(ids: np.ndarray, labels: np.ndarray) -> None:
+    def write_shard(ids: np.ndarray, labels: np.ndarray, cids: np.ndarray | None) -> None:
         k = len(shards)
         entry = {"tokens": f"tokens-{k:05d}.npy", "count": int(ids.shape[0])}
         _save_npy(out / entry["tokens"], ids.astype(dtype))
         if has_labels:
             entry["labels"] = f"labels-{k:05d}.npy"
             _save_npy(out / entry["labels"], labels.astype(np.int64))
+        if cids is not None:
+            entry["condition"] = f"cond-{k:05d}.npy"
+            _save_npy(out / entry["condition"], cids.astype(cdtype))
         shards.append(entry)
 
     def flush(final: bool) -> None:
-        nonlocal ids_buf, lab_buf
+        nonlocal ids_buf, lab_buf, cond_buf
         if not ids_buf:
             return
         ids, labels = np.concatenate(ids_buf), np.concatenate(lab_buf)
+        cids = np.concatenate(cond_buf) if cond_buf else None
         while len(ids) >= shard_size or (final and len(ids)):
-            write_shard(ids[:shard_size], labels[:shard_size])
+            write_shard(ids[:shard_size], labels[:shard_size], None if cids is None else cids[:shard_size])
             ids, labels = ids[shard_size:], labels[shard_size:]
-        ids_buf, lab_buf = ([ids], [labels]) if len(ids) else ([], [])
+            cids = None if cids is None else cids[shard_size:]
+        keep = len(ids) > 0
+        ids_buf, lab_buf = ([ids], [labels]) if keep else ([], [])
+        cond_buf = [cids] if keep and cids is not None else []
 
     for batch in tqdm(loader, disable=not progress, desc="encode"):
         skipped += batch["skipped"]
@@ -165,6 +197,10 @@ def encode_dataset(
         grid = ids.shape[1:]
         ids_buf.append(ids)
         lab_buf.append(batch["label"].numpy())
+        if cond is not None:
+            cids = condition_tokenizer.encode(batch["condition"].to(device)).cpu().numpy()
+            cond_grid = cids.shape[1:]
+            cond_buf.append(cids)
         count += ids.shape[0]
         flush(final=False)
     flush(final=True)
@@ -185,6 +221,16 @@ def encode_dataset(
         "class_names": getattr(dataset, "class_names", None),
         "skipped_files": len(skipped),
     }
+    if cond is not None:
+        ct = condition_tokenizer
+        manifest["condition"] = {
+            "spec": cond.spec,
+            "grid_size": list(cond_grid),
+            "codebook_size": ct.config.codebook_size,
+            **tokenizer_identity(ct),
+            "tokenizer_dir": str(ct.pretrained_dir) if ct.pretrained_dir is not None else None,
+            "dtype": np.dtype(cdtype).name,
+        }
     write_json(out / MANIFEST, manifest)
     return manifest
 
@@ -220,7 +266,8 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
 class TokenDataset(Dataset):
     """Token sequences from a `vqim encode` folder, memory-mapped so memory does not grow with its size.
 
-    Items are {"tokens": LongTensor (h·w,) in raster order, "label": int (-1 without labels)}. A held-out
+    Items are {"tokens": LongTensor (h·w,) in raster order, "label": int (-1 without labels)}, and with a spatial
+    condition also "condition": LongTensor (hc·wc,), the paired condition tokens. A held-out
     split can be carved deterministically: with `val_every=k`, every k-th sequence is validation.
 
     Args:
@@ -241,7 +288,9 @@ class TokenDataset(Dataset):
         self.codebook_size = int(self.manifest["codebook_size"])
         self.class_names = self.manifest.get("class_names")
         self.has_labels = bool(self.manifest.get("has_labels"))
-        self._tokens, self._labels, starts = [], [], [0]
+        self.condition: dict[str, Any] | None = self.manifest.get("condition")
+        self.cond_grid_size = None if self.condition is None else tuple(self.condition["grid_size"])
+        self._tokens, self._labels, self._conds, starts = [], [], [], [0]
         for shard in self.manifest["shards"]:
             path = self.directory / shard["tokens"]
             if not path.is_file():
@@ -255,6 +304,18 @@ class TokenDataset(Dataset):
                 if self.has_labels
                 else None
             )
+            if self.condition is not None:
+                cpath = self.directory / shard.get("condition", "")
+                if not shard.get("condition") or not cpath.is_file():
+                    raise FileNotFoundError(f"condition shard listed in the manifest is missing: {cpath}")
+                carr = np.load(cpath, mmap_mode="r", allow_pickle=False)
+                if (
+                    carr.ndim != 3
+                    or tuple(carr.shape[1:]) != self.cond_grid_size
+                    or carr.shape[0] != arr.shape[0]
+                ):
+                    raise ValueError(f"{cpath}: shape {carr.shape} disagrees with the manifest")
+                self._conds.append(carr)
             starts.append(starts[-1] + arr.shape[0])
         self._starts = np.array(starts)
         self.total = int(starts[-1])
@@ -282,7 +343,43 @@ class TokenDataset(Dataset):
         row = g - self._starts[s]
         tokens = torch.from_numpy(np.asarray(self._tokens[s][row], dtype=np.int64).reshape(-1))
         label = int(self._labels[s][row]) if self._labels[s] is not None else -1
-        return {"tokens": tokens, "label": label}
+        if self.condition is None:
+            return {"tokens": tokens, "label": label}
+        cond = torch.from_numpy(np.asarray(self._conds[s][row], dtype=np.int64).reshape(-1))
+        return {"tokens": tokens, "label": label, "condition": cond}
+
+    def check_condition(self, prior_config: Any, condition: Mapping[str, Any] | None) -> None:
+        """Raise a clear ValueError unless these tokens carry the spatial condition a prior reads: the same
+        grid and codebook as `prior_config`'s, written by the condition tokenizer `condition` records (another
+        token folder's or a prior's tokens.json "condition"; None: compare with the prior config only)."""
+        mine = self.condition
+        if not prior_config.spatial:
+            if mine is not None:
+                raise ValueError(
+                    f"the tokens in {self.directory} carry a spatial condition ({mine['spec']}), but the prior "
+                    "has none: train a new prior on them"
+                )
+            return
+        if mine is None:
+            raise ValueError(
+                f"the prior is conditioned on a {tuple(prior_config.cond_grid_size)} condition grid, but the "
+                f"tokens in {self.directory} carry no condition tokens: encode with --condition and "
+                "--condition-tokenizer"
+            )
+        if tuple(mine["grid_size"]) != tuple(prior_config.cond_grid_size) or int(
+            mine["codebook_size"]
+        ) != int(prior_config.cond_vocab_size):
+            raise ValueError(
+                f"the condition tokens in {self.directory} ({mine['codebook_size']} codes, grid "
+                f"{tuple(mine['grid_size'])}) do not fit the prior's condition ({prior_config.cond_vocab_size} "
+                f"codes, grid {tuple(prior_config.cond_grid_size)})"
+            )
+        if condition is not None:
+            check_tokens_match(
+                condition, mine, "the prior's condition tokens were written by condition",
+                f"the condition tokens in {self.directory} were written by condition",
+                "encode with the condition tokenizer the prior was trained with",
+            )  # fmt: skip
 
     def check_compatible(
         self,
@@ -335,6 +432,10 @@ class EncodeConfig:
         num_workers: DataLoader workers.
         progress: show a progress bar.
         device: cpu, cuda, or auto (cuda when available).
+        condition: a spatial condition to pair with every image: lowres:F, edges, edges:SIGMA, or a folder of
+            condition images at the images' relative paths (see vqim.conditions).
+        condition_tokenizer: tokenizer folder of the condition modality, trained on condition images
+            (`train-tokenizer --condition SPEC`); it encodes the condition tokens.
     """
 
     tokenizer: str
@@ -348,6 +449,8 @@ class EncodeConfig:
     num_workers: int = 0
     progress: bool = True
     device: str = "auto"
+    condition: str | None = None
+    condition_tokenizer: str | None = None
 
 
 def encode_to_folder(cfg: EncodeConfig) -> dict[str, Any]:
@@ -358,9 +461,16 @@ def encode_to_folder(cfg: EncodeConfig) -> dict[str, Any]:
     tok = Tokenizer.from_pretrained(cfg.tokenizer, device=device)
     size = cfg.image_size or tok.config.image_size
     ds = build_dataset(cfg.data, size, train=cfg.split == "train", augment=False, labels_csv=cfg.labels_csv)
+    if (cfg.condition is None) != (cfg.condition_tokenizer is None):
+        raise ValueError("a spatial condition needs both --condition and --condition-tokenizer")
+    ctok = (
+        None
+        if cfg.condition_tokenizer is None
+        else Tokenizer.from_pretrained(cfg.condition_tokenizer, device=device)
+    )
     return encode_dataset(
         tok, ds, cfg.out, batch_size=cfg.batch_size, shard_size=cfg.shard_size, num_workers=cfg.num_workers,
-        device=device, progress=cfg.progress,
+        device=device, progress=cfg.progress, condition=cfg.condition, condition_tokenizer=ctok,
     )  # fmt: skip
 
 
@@ -409,7 +519,10 @@ def decode_to_folder(cfg: DecodeConfig) -> dict[str, Any]:
 
 
 def collate_tokens(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    return {
+    out = {
         "tokens": torch.stack([it["tokens"] for it in items]),
         "label": torch.tensor([it["label"] for it in items], dtype=torch.long),
     }
+    if "condition" in items[0]:
+        out["condition"] = torch.stack([it["condition"] for it in items])
+    return out

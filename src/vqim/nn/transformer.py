@@ -1,8 +1,13 @@
 """One pre-norm Transformer block for the ViT encoder, the ViT decoder and the causal prior.
 
 Attention uses `torch.nn.functional.scaled_dot_product_attention`, which picks a fused kernel
-(flash / memory-efficient on GPU, a fused CPU kernel otherwise). `KVCache` holds the keys and values of
-the causal prior's sampler (`vqim.sampling.Decoder`), which decodes one token at a time.
+(flash / memory-efficient on GPU, a fused CPU kernel otherwise).
+
+The same modules serve training, prefill and cached decoding: passed one `KVCache` per block
+(`Transformer.new_caches`), `Transformer.forward` appends the new positions' keys and values to the caches
+and attends over every cached position, so the prior's sampler (`vqim.sampling`) runs the training
+network itself one token at a time. The linear layers are `vqim.nn.linear.Linear`, which computes the
+few-row products of decoding with a faster CPU kernel.
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from vqim.nn.linear import Linear
 
 
 class KVCache:
@@ -51,6 +58,10 @@ class KVCache:
         self.length = end
         return self.k.narrow(2, 0, end), self.v.narrow(2, 0, end)
 
+    def clear(self) -> None:
+        """Forget every cached position (the buffers are kept and overwritten)."""
+        self.length = 0
+
 
 class Attention(nn.Module):
     """Multi-head self-attention.
@@ -70,18 +81,34 @@ class Attention(nn.Module):
         self.head_dim = dim // heads
         self.causal = causal
         self.dropout = dropout
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(dropout)
+        self.qkv = Linear(dim, 3 * dim)
+        self.proj = Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Attend over x (B, N, D); with a cache, over the cached positions followed by x's N positions,
+        whose keys and values are appended to the cache (causal attention only)."""
         b, n, d = x.shape  # (B, N, D)
-        qkv = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, H, N, hd)
+        if n == 1:  # one position (a decode step): (B, 3, H, 1, hd) is the same memory, with no permute
+            q, k, v = self.qkv.forward(x).view(b, 3, self.heads, 1, self.head_dim).unbind(1)
+        else:
+            qkv = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)  # each (B, H, N, hd)
         drop = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=self.causal)
-        y = y.transpose(1, 2).reshape(b, n, d)
-        return self.proj_drop(self.proj(y))
+        causal, mask = self.causal, None
+        if cache is not None:
+            if not self.causal:
+                raise ValueError("a KV cache is for causal attention (the prior), not a bidirectional ViT")
+            past = cache.length
+            k, v = cache.append(k, v)  # (B, H, past + N, hd)
+            if n == 1:
+                causal = False  # one new position sees every cached one
+            elif past:
+                # New position i (absolute past + i) sees absolute positions 0 .. past + i.
+                mask = torch.ones(n, past + n, dtype=torch.bool, device=x.device).tril(past)
+                causal = False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, is_causal=causal)
+        y = self.proj.forward(y.transpose(1, 2).reshape(b, n, d))
+        return F.dropout(y, drop, True) if drop else y
 
 
 class MLP(nn.Module):
@@ -95,13 +122,16 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, hidden: int, dropout: float = 0.0) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.drop = nn.Dropout(dropout)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.dropout = dropout
+        self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        # Dropout only when it does something: in eval mode (sampling) these are no calls at all.
+        if self.training and self.dropout:
+            p = self.dropout
+            return F.dropout(self.fc2(F.dropout(F.gelu(self.fc1(x)), p, True)), p, True)
+        return self.fc2.forward(F.gelu(self.fc1.forward(x)))  # see Block.forward on calling .forward
 
 
 class Block(nn.Module):
@@ -122,9 +152,15 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = MLP(dim, mlp_dim, dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        if cache is None:
+            x = x + self.attn(self.norm1(x))
+            return x + self.mlp(self.norm2(x))
+        # Cached decoding: the same two lines, calling the children's forward directly and adding in place.
+        # A decode step is ~100 small calls at batch 1, where nn.Module.__call__ and fresh residual buffers
+        # cost ~10% of the step (benchmarks/sampling_speed.py); module hooks on the children do not fire here.
+        x = x + self.attn.forward(self.norm1.forward(x), cache)
+        return x.add_(self.mlp.forward(self.norm2.forward(x)))
 
 
 class Transformer(nn.Module):
@@ -147,24 +183,33 @@ class Transformer(nn.Module):
         self,
         x: torch.Tensor,
         return_blocks: list[int] | None = None,
+        caches: list[KVCache] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Run the blocks on x (B, N, D).
 
         Args:
             x: input tokens.
             return_blocks: 0-based block indices whose outputs are also returned (for linear probes).
+            caches: one `KVCache` per block (causal Transformers): x holds the N positions after the cached
+                ones, and their keys and values are appended.
         """
+        if caches is not None and len(caches) != len(self.blocks):
+            raise ValueError(f"need one KV cache per block ({len(self.blocks)}), got {len(caches)}")
         taps: dict[int, torch.Tensor] = {}
+        if caches is not None and return_blocks is None:  # cached decoding: see Block.forward
+            for blk, cache in zip(self.blocks, caches):
+                x = blk.forward(x, cache)
+            return self.norm.forward(x)
         for i, blk in enumerate(self.blocks):
-            x = blk(x)
+            x = blk(x, None if caches is None else caches[i])
             if return_blocks is not None and i in return_blocks:
                 taps[i] = x
         x = self.norm(x)
         return x if return_blocks is None else (x, taps)
 
     def new_caches(self, batch_size: int, max_len: int) -> list[KVCache]:
-        """One empty `KVCache` per block for `batch_size` rows and up to `max_len` positions (for
-        `vqim.sampling.Decoder`). The caches take the device and dtype of the blocks' weights.
+        """One empty `KVCache` per block for `batch_size` rows and up to `max_len` positions (for cached
+        decoding, see `forward`). The caches take the device and dtype of the blocks' weights.
         """
         w = self.blocks[0].attn.qkv.weight
         return [
@@ -176,7 +221,7 @@ class Transformer(nn.Module):
 def init_weights(module: nn.Module, std: float = 0.02) -> None:
     """ViT-style initialisation: truncated-normal Linear weights, zero biases, unit LayerNorm."""
     for m in module.modules():
-        if isinstance(m, nn.Linear):
+        if isinstance(m, nn.Linear):  # vqim.nn.linear.Linear included
             nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)

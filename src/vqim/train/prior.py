@@ -2,7 +2,8 @@
 
 Output folder:
     config.json, model.safetensors   the final prior (`Prior.from_pretrained(out)`)
-    tokens.json                      what the prior was trained on (tokenizer identity, grid, codebook, classes)
+    tokens.json                      what the prior was trained on (tokenizer identity, grid, codebook, classes,
+                                     and the spatial condition with its tokenizer's identity)
     checkpoints/step-NNNNNNN/        weights + training state
     tb/                              TensorBoard scalars
     train_config.json, metrics.json
@@ -41,7 +42,8 @@ class PriorTrainConfig(TrainConfig):
         model: overrides of the preset's PriorConfig fields.
         dropout: override the preset's dropout.
         class_dropout: probability of training on the null class (for classifier-free guidance).
-        unconditional: ignore labels even when the tokens have them.
+        unconditional: ignore labels even when the tokens have them (a spatial condition in the tokens is
+            always used).
         lr: peak learning rate (paper: 4.5e-4).
         betas: Adam betas (paper: 0.9, 0.96).
         warmup_steps: linear warmup steps (default: 5% of --steps; paper: 5k).
@@ -108,6 +110,9 @@ class PriorTrainer(Trainer):
             overrides = {
                 k: v for k, v in {"dropout": cfg.dropout, "class_dropout": cfg.class_dropout}.items() if v is not None
             }  # fmt: skip
+            if ds.condition is not None:  # paired condition tokens: a spatially conditioned prior
+                overrides["cond_vocab_size"] = int(ds.condition["codebook_size"])
+                overrides["cond_grid_size"] = tuple(ds.cond_grid_size)
             model = Prior.from_preset(
                 cfg.preset, vocab_size=ds.codebook_size, grid_size=ds.grid_size, num_classes=self.num_classes,
                 **{**cfg.model, **overrides},
@@ -119,6 +124,7 @@ class PriorTrainer(Trainer):
                     pcfg.vocab_size, tuple(pcfg.grid_size), ds.manifest.get("tokenizer_config_hash"),
                     tokenizer_id=ds.manifest.get("tokenizer_id"),
                 )  # fmt: skip
+                d.check_condition(pcfg, ds.condition)
         self.seq_len = ds.grid_size[0] * ds.grid_size[1]
         self.val_bits: float | None = None
         return model
@@ -143,6 +149,7 @@ class PriorTrainer(Trainer):
         for batch in loader:
             batch["tokens"] = batch["tokens"].to(self.device)
             batch["label"] = batch["label"].to(self.device) if self.conditional else None
+            batch["condition"] = batch["condition"].to(self.device) if "condition" in batch else None
             yield batch
 
     def before_loop(self) -> None:
@@ -160,6 +167,7 @@ class PriorTrainer(Trainer):
                     "grid_size": list(ds.grid_size),
                     "codebook_size": ds.codebook_size,
                     "class_names": ds.class_names if self.conditional else None,
+                    "condition": ds.condition,
                 },
             )
 
@@ -167,7 +175,7 @@ class PriorTrainer(Trainer):
         tokens = batch["tokens"]
         # DDP: call the module so gradients are synchronised. No range check here (a host sync per step): an id
         # outside the vocabulary still fails in the embedding lookup.
-        logits = model(tokens, batch["label"], check_values=False).logits
+        logits = model(tokens, batch["label"], check_values=False, condition=batch["condition"]).logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
         return StepOutput(loss, {}, tokens.shape[0] * self.seq_len)
 

@@ -63,6 +63,8 @@ class TokenizerTrainConfig(TrainConfig):
         perceptual_weight: LPIPS weight (ViT-VQGAN 0.1, VQGAN 1.0; 0 trains without VGG weights).
         vgg_weights: VGG16 weights for LPIPS (default: torch hub cache).
         lpips_weights: LPIPS linear heads (default: the lpips package's).
+        condition: train a condition tokenizer on this built-in condition of the images (lowres:F, edges,
+            edges:SIGMA) instead of the images themselves; for a folder of condition images, pass it as --data.
     """
 
     data: str = "photos"
@@ -83,6 +85,7 @@ class TokenizerTrainConfig(TrainConfig):
     perceptual_weight: float = option(0.0, cli_default=None)
     vgg_weights: str | None = None
     lpips_weights: str | None = None
+    condition: str | None = None
 
     @classmethod
     def for_preset(cls, preset: str, **settings: Any) -> TokenizerTrainConfig:
@@ -160,6 +163,12 @@ class TokenizerTrainer(Trainer):
             self.preview_set = build_dataset(cfg.data, tcfg.image_size, train=False, seed=cfg.seed)
         except Exception:  # noqa: BLE001 - preview images are optional
             self.preview_set = self.dataset
+        if cfg.condition is not None:  # a condition tokenizer: it learns the condition images
+            from vqim.conditions import DerivedImages, parse_condition
+
+            cond = parse_condition(cfg.condition)
+            self.dataset = DerivedImages(self.dataset, cond)
+            self.preview_set = DerivedImages(self.preview_set, cond)
         self.gan = GAN.build(
             cfg.disc, tcfg.image_size, channels=cfg.disc_channels, lr=cfg.disc_lr or cfg.lr, betas=cfg.betas,
             weight=cfg.adv_weight, adaptive=cfg.adaptive_weight, start=cfg.disc_start, r1_gamma=cfg.r1_gamma,
