@@ -55,21 +55,11 @@ def split_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return y.permute(2, 0, 1).reshape(*lead, out)  # (S, out/S, rows) → (..., out)
 
 
-def _split_product(weight: torch.Tensor, bias: torch.Tensor | None, s: int):  # noqa: ANN202
-    """`split_linear` for one weight, with its blocked views made once (a closure reads fewer objects per call
-    than a method: at batch 1 a decode step runs ~30 of these between weight streams that evict the caches)."""
+def _split_views(weight: torch.Tensor, bias: torch.Tensor | None, s: int) -> tuple:
+    """The weight and bias as S row blocks, (S, out/S, in) and (S, out/S, 1), views of the same storage."""
     out, d_in = weight.shape
     with torch.no_grad():
-        ws = weight.detach().view(s, out // s, d_in)
-        bs = None if bias is None else bias.detach().view(s, -1, 1)
-
-    def product(x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // d_in
-        xt = x.reshape(rows, d_in).t().expand(s, -1, -1)  # see split_linear
-        y = torch.bmm(ws, xt) if bs is None else torch.baddbmm(bs, ws, xt)
-        return y.permute(2, 0, 1).reshape(*x.shape[:-1], out)
-
-    return product
+        return weight.detach().view(s, out // s, d_in), None if bias is None else bias.detach().view(s, -1, 1)
 
 
 def split_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -105,26 +95,41 @@ class Linear(nn.Linear):
     attribute reads.
     """
 
-    _blocks: tuple | None = None  # (weight Parameter, the split product as a closure, max input numel)
+    # None: not looked at yet; False: this weight never takes the split product (small, not fp32 on the CPU, or
+    # no block count divides it); else (weight Parameter, weight blocks, bias blocks, max input numel, the
+    # weight's data pointer when the views were made, in_features, out_features).
+    _blocks: tuple | bool | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         blocks = self._blocks
-        if (
-            blocks is not None
-            and _enabled
-            and not torch.is_grad_enabled()
-            and x.numel() <= blocks[2]
-            and self._parameters["weight"] is blocks[0]
-        ):
-            return blocks[1](x)
+        if blocks is None:
+            blocks = self._blocks = self._make_blocks()
+        if blocks is not False and _enabled and not torch.is_grad_enabled():
+            w, ws, bs, most, ptr, d_in, out = blocks
+            if x.numel() <= most and self._parameters["weight"] is w and w.data_ptr() == ptr:
+                # split_linear with the views made once, inline: one Python frame per product.
+                xt = x.reshape(-1, d_in).t().expand(ws.shape[0], -1, -1)  # see split_linear
+                y = torch.bmm(ws, xt) if bs is None else torch.baddbmm(bs, ws, xt)
+                return y.permute(2, 0, 1).reshape(x.shape[:-1] + (out,))
+        return F.linear(x, self.weight, self.bias)
+
+    def _make_blocks(self) -> tuple | bool:
         w, b = self.weight, self.bias
-        if not split_applies(x, w):
-            return F.linear(x, w, b)
         s = split_count(self.out_features)
-        if not s or not w.is_contiguous():
-            return split_linear(x, w, b)
-        self._blocks = (w, _split_product(w, b, s), SPLIT_MAX_ROWS * self.in_features)
-        return self.forward(x)
+        eligible = w.device.type == "cpu" and w.dtype == torch.float32 and w.numel() >= SPLIT_MIN_WEIGHT
+        if not s or not eligible or not w.is_contiguous():
+            return False
+        ws, bs = _split_views(w, b, s)
+        # The Parameter itself and its data pointer: a new Parameter or new storage makes the views stale.
+        return (
+            w,
+            ws,
+            bs,
+            SPLIT_MAX_ROWS * self.in_features,
+            w.data_ptr(),
+            self.in_features,
+            self.out_features,
+        )
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's signature)
         self._blocks = None  # .to() / .half() / .cuda() may move the weights to new storage

@@ -19,6 +19,15 @@ from torch import nn
 from vqim.nn.linear import Linear
 
 
+def _norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """module(x) for the decode step: a LayerNorm goes straight to the kernel with its own parameters (the
+    same computation as `nn.LayerNorm.forward`, without its attribute lookups); any other norm is called."""
+    if type(module) is nn.LayerNorm:
+        p = module._parameters
+        return torch.layer_norm(x, module.normalized_shape, p["weight"], p["bias"], module.eps)
+    return module(x)
+
+
 class KVCache:
     """Per-layer key/value cache preallocated for `max_len` positions.
 
@@ -88,11 +97,15 @@ class Attention(nn.Module):
         """Attend over x (B, N, D); with a cache, over the cached positions followed by x's N positions,
         whose keys and values are appended to the cache (causal attention only)."""
         b, n, d = x.shape  # (B, N, D)
-        if n == 1:  # one position (a decode step): (B, 3, H, 1, hd) is the same memory, with no permute
-            q, k, v = self.qkv.forward(x).view(b, 3, self.heads, 1, self.head_dim).unbind(1)
-        else:
-            qkv = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-            q, k, v = qkv.unbind(0)  # each (B, H, N, hd)
+        if n == 1 and cache is not None and self.causal:
+            # A decode step: (B, 3, H, 1, hd) is the qkv output's memory as it is; the one query sees every
+            # cached position, so no mask. The general path below computes the same, with more Python.
+            m = self._modules  # submodules without nn.Module.__getattr__ (see Block.forward)
+            q, k, v = m["qkv"].forward(x).view(b, 3, self.heads, 1, self.head_dim).unbind(1)
+            k, v = cache.append(k, v)
+            return m["proj"].forward(F.scaled_dot_product_attention(q, k, v).reshape(b, 1, d))
+        qkv = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, H, N, hd)
         drop = self.dropout if self.training else 0.0
         causal, mask = self.causal, None
         if cache is not None:
@@ -100,14 +113,12 @@ class Attention(nn.Module):
                 raise ValueError("a KV cache is for causal attention (the prior), not a bidirectional ViT")
             past = cache.length
             k, v = cache.append(k, v)  # (B, H, past + N, hd)
-            if n == 1:
-                causal = False  # one new position sees every cached one
-            elif past:
+            if past:
                 # New position i (absolute past + i) sees absolute positions 0 .. past + i.
                 mask = torch.ones(n, past + n, dtype=torch.bool, device=x.device).tril(past)
                 causal = False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, is_causal=causal)
-        y = self.proj.forward(y.transpose(1, 2).reshape(b, n, d))
+        y = self.proj(y.transpose(1, 2).reshape(b, n, d))
         return F.dropout(y, drop, True) if drop else y
 
 
@@ -131,7 +142,8 @@ class MLP(nn.Module):
         if self.training and self.dropout:
             p = self.dropout
             return F.dropout(self.fc2(F.dropout(F.gelu(self.fc1(x)), p, True)), p, True)
-        return self.fc2.forward(F.gelu(self.fc1.forward(x)))  # see Block.forward on calling .forward
+        m = self._modules  # see Block.forward on calling .forward and reading _modules
+        return m["fc2"].forward(F.gelu(m["fc1"].forward(x)))
 
 
 class Block(nn.Module):
@@ -156,11 +168,13 @@ class Block(nn.Module):
         if cache is None:
             x = x + self.attn(self.norm1(x))
             return x + self.mlp(self.norm2(x))
-        # Cached decoding: the same two lines, calling the children's forward directly and adding in place.
-        # A decode step is ~100 small calls at batch 1, where nn.Module.__call__ and fresh residual buffers
-        # cost ~10% of the step (benchmarks/sampling_speed.py); module hooks on the children do not fire here.
-        x = x + self.attn.forward(self.norm1.forward(x), cache)
-        return x.add_(self.mlp.forward(self.norm2.forward(x)))
+        # Cached decoding: the same two lines, calling the children's forward directly, reading them from
+        # _modules (nn.Module.__getattr__ is a Python call per attribute) and adding in place. At batch 1 a
+        # decode step is a few hundred small calls between weight streams, and each Python frame costs
+        # microseconds here (benchmarks/sampling_speed.py); module hooks on the children do not fire here.
+        m = self._modules
+        x = x + m["attn"].forward(_norm(m["norm1"], x), cache)
+        return x.add_(m["mlp"].forward(_norm(m["norm2"], x)))
 
 
 class Transformer(nn.Module):
@@ -197,9 +211,9 @@ class Transformer(nn.Module):
             raise ValueError(f"need one KV cache per block ({len(self.blocks)}), got {len(caches)}")
         taps: dict[int, torch.Tensor] = {}
         if caches is not None and return_blocks is None:  # cached decoding: see Block.forward
-            for blk, cache in zip(self.blocks, caches):
+            for blk, cache in zip(self._modules["blocks"], caches):
                 x = blk.forward(x, cache)
-            return self.norm.forward(x)
+            return _norm(self._modules["norm"], x)
         for i, blk in enumerate(self.blocks):
             x = blk(x, None if caches is None else caches[i])
             if return_blocks is not None and i in return_blocks:
