@@ -217,3 +217,23 @@ def test_complete_and_wide_samples(tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(["complete", str(photo), *common, "--out", str(tmp_path / "e"), *extra])
         assert message in capsys.readouterr().err
+
+
+def test_eval_prior_scores_image_tokens_given_their_condition(conditioned_run, tmp_path, capsys):
+    from vqim.prior import bits_per_token
+
+    r = conditioned_run
+    out = _run(
+        ["eval-prior", "--prior", str(r["prior"]), "--tokens", str(r["tokens"]), "--device", "cpu"], capsys
+    )
+    prior = Prior.from_pretrained(r["prior"])
+    assert out["bits_per_token"] == pytest.approx(bits_per_token(prior, TokenDataset(r["tokens"])), rel=1e-6)
+    # Without the condition tokens the same image tokens cannot be scored by this prior.
+    main(["encode", "--tokenizer", str(r["tok"]), "--data", "photos", "--out", str(tmp_path / "plain"),
+          "--no-progress"])  # fmt: skip
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(
+            ["eval-prior", "--prior", str(r["prior"]), "--tokens", str(tmp_path / "plain"), "--device", "cpu"]
+        )
+    assert "carry no condition tokens" in capsys.readouterr().err

@@ -19,7 +19,7 @@ from vqim.demo import run_demo
 # these settings: PSNR 20.2 dB (untrained 13.1), 356 codes against 4 without restarts, 3.70 bits per token
 # (untrained prior 9.04, context-free unigram model 5.47), sample accuracy 0.31 (chance 0.10), probe 0.65
 # (chance 0.13).
-FAST_STEPS, FAST_PRIOR_STEPS = 100, 150
+FAST_STEPS, FAST_PRIOR_STEPS, FAST_CONDITIONAL_STEPS = 100, 150, 150
 
 
 def _photo_eval_images() -> torch.Tensor:
@@ -71,7 +71,13 @@ def test_demo_pipeline_fast(tmp_path, monkeypatch):
         vqim.probe, "fit_linear_probe", functools.partial(vqim.probe.fit_linear_probe, weight_decays=(1e-2,))
     )
     out = tmp_path / "demo"
-    m = run_demo(out, steps=FAST_STEPS, prior_steps=FAST_PRIOR_STEPS, progress=False)
+    m = run_demo(
+        out,
+        steps=FAST_STEPS,
+        prior_steps=FAST_PRIOR_STEPS,
+        progress=False,
+        conditional_steps=FAST_CONDITIONAL_STEPS,
+    )
 
     # Artefacts and the report.
     for f in ("index.html", "metrics.json", "reconstructions.png", "usage_histogram.png", "samples.png"):
@@ -112,29 +118,48 @@ def test_demo_pipeline_fast(tmp_path, monkeypatch):
     assert min(probe["per_block_test_accuracy"].values()) > 0.4
     assert probe["baselines"]["pixels"] > 0.9
 
+    # Stage 4: the panels exist; the low-resolution condition tells the prior much about held-out photographs
+    # (fewer bits per image token than the same prior without it), and super-resolved samples stay far closer
+    # to the originals than a uniform grey image does.
+    c = m["conditional"]
+    for f in ("sr.png", "edges.png", "completion.png", "wide.png"):
+        assert (out / "conditional" / f).is_file(), f
+    assert "conditional/wide.png" in html
+    bits = c["held_out_bits_per_image_token"]
+    assert bits["lowres:4"] < bits["no condition"] - 0.5
+    grey = float(-10 * torch.log10(((_photo_eval_images() - 0.5) ** 2).mean()))
+    assert c["sr_psnr_one_sample"] > grey + 3.0
+    from PIL import Image
+
+    assert Image.open(out / "conditional" / "wide.png").size == (4 * 64, 64)  # 8×32 tokens of 8×8 pixels
+
 
 # The README's table ("The demo"), with tolerances for what may move between machines and library versions.
 README_DEMO = {
-    ("tokenizer", "psnr"): (23.46, 0.5),
+    ("tokenizer", "psnr"): (23.48, 0.5),
     ("tokenizer", "ssim"): (0.636, 0.03),
-    ("tokenizer", "codes_used"): (367, 40),
-    ("tokenizer", "perplexity"): (130, 30),
-    ("prior", "test_bits_per_token"): (2.08, 0.15),
-    ("prior", "sample_accuracy"): (0.93, 0.06),
+    ("tokenizer", "codes_used"): (364, 40),
+    ("tokenizer", "perplexity"): (128, 30),
+    ("prior", "test_bits_per_token"): (2.11, 0.15),
+    ("prior", "sample_accuracy"): (0.96, 0.06),
     ("prior", "classifier_accuracy_real_test"): (0.958, 0.02),
     ("prior", "classifier_accuracy_reconstructions"): (0.964, 0.03),
     ("probe", "chosen_block_test_accuracy"): (0.936, 0.03),
+    ("conditional", "sr_psnr_one_sample"): (18.64, 1.0),
+    ("conditional", "sr_psnr_bicubic"): (31.93, 0.05),
+    ("conditional", "tokenizer_reconstruction_psnr"): (23.48, 0.5),
 }
 README_HEALTH = {  # 600 steps each: with data init + restarts / the paper's plain recipe
-    "with data init + restarts": {"psnr": (23.01, 0.7), "codes_used": (314, 50)},
-    "paper-plain (normal init, no restarts)": {"psnr": (17.84, 1.5), "codes_used": (8, 8)},
+    "with data init + restarts": {"psnr": (23.15, 0.7), "codes_used": (316, 50)},
+    "paper-plain (normal init, no restarts)": {"psnr": (18.21, 1.5), "codes_used": (4, 8)},
 }
+README_CONDITIONAL_BITS = {"no condition": (5.71, 0.2), "lowres:4": (5.00, 0.2), "edges": (6.08, 0.3)}
 MEAN_COLOUR_PSNR = 21.08  # every held-out tile painted its mean colour
 
 
 @pytest.mark.slow
 def test_demo_full_recipe_reaches_the_readme_figures(tmp_path):
-    """The default recipe (about 10 minutes on 2 cores) reproduces the README's demo table."""
+    """The default recipe (about 12 minutes on 2 cores) reproduces the README's demo tables."""
     from vqim.metrics import psnr
 
     x = _photo_eval_images()
@@ -151,6 +176,10 @@ def test_demo_full_recipe_reaches_the_readme_figures(tmp_path):
             got = m["tokenizer"]["codebook_health"][variant][key]
             if abs(got - want) > tol:
                 off.append(f"codebook health {variant}: {key} = {got:.4g} (README {want}, tolerance {tol})")
+    for condition, (want, tol) in README_CONDITIONAL_BITS.items():
+        got = m["conditional"]["held_out_bits_per_image_token"][condition]
+        if abs(got - want) > tol:
+            off.append(f"held-out bits given {condition} = {got:.4g} (README {want}, tolerance {tol})")
     assert not off, "demo figures differ from the README:\n" + "\n".join(off)
     assert m["tokenizer"]["psnr"] > mean_colour + 1.5
     assert m["prior"]["test_bits_per_token"] < m["prior"]["uniform_bits_per_token"] - 6

@@ -168,6 +168,7 @@ def cmd_demo(a: argparse.Namespace) -> None:
                                         "classifier_accuracy_reconstructions", "seconds")},
             "probe": {k: probe[k] for k in ("per_block_test_accuracy", "chosen_block", "chosen_block_test_accuracy",
                                             "baselines")},
+            "conditional": m["conditional"],
         }
     )  # fmt: skip
     print(f"demo report: {Path(a.out) / 'index.html'}  (tokenizer: {t['path']}, prior: {p['path']})")

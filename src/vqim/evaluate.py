@@ -457,7 +457,8 @@ class EvalPriorConfig:
 
 
 def evaluate_prior(cfg: EvalPriorConfig) -> dict[str, Any]:
-    """Bits per token of cfg.tokens under the prior; with a tokenizer and digits, sample accuracy too."""
+    """Bits per image token of cfg.tokens under the prior (given their condition tokens when the prior is
+    spatially conditioned); with a tokenizer and digits, sample accuracy too."""
     from vqim.classifier import digits_classifier, sample_accuracy
     from vqim.prior import Prior, bits_per_token, load_prior_and_tokenizer
     from vqim.tokens import TokenDataset, check_tokens_match, read_prior_tokens
@@ -477,6 +478,7 @@ def evaluate_prior(cfg: EvalPriorConfig) -> dict[str, Any]:
             trained_on, ds.manifest, f"the prior in {cfg.prior} was trained on tokens of",
             f"the tokens in {cfg.tokens} were written by", "score tokens written by the prior's tokenizer",
         )  # fmt: skip
+    ds.check_condition(prior.config, None if trained_on is None else trained_on.get("condition"))
     result = {
         "bits_per_token": bits_per_token(prior, ds, cfg.batch_size, device=device),
         "sequences": len(ds),
