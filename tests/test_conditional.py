@@ -14,12 +14,7 @@ V, CV = 48, 7  # image and condition vocabularies
 GRID = (3, 4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny(num_classes: int = 0, cond_grid=None, seed: int = 0, **kw) -> Prior:

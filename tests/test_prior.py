@@ -26,13 +26,7 @@ V = 64
 GRID = (3, 4)  # h ≠ w, so a transposed position table would show
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and a busy machine makes OpenMP threads wait on each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny(num_classes: int = 0, **overrides) -> Prior:
@@ -140,24 +134,38 @@ def test_prefill_in_chunks_matches_uncached_forward(split_tiny):
     torch.testing.assert_close(second, full[:, 9], rtol=0, atol=1e-5)
 
 
+def _split_used(layer: torch.nn.Module, x: torch.Tensor) -> bool:
+    """Whether layer(x) runs the batched row-block product (a torch.bmm / baddbmm call), and that it computes
+    F.linear's result either way."""
+    calls = []
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("bmm", "baddbmm"):
+            op = getattr(torch, name)
+            mp.setattr(torch, name, lambda *a, op=op, **k: calls.append(1) or op(*a, **k))
+        y = layer(x)
+    torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias))
+    return bool(calls)
+
+
 def test_cpu_decoding_uses_split_products_for_large_weights_only():
     layer = linear.Linear(256, 512)
     x = torch.randn(1, 256)
     with torch.no_grad():
-        assert linear.split_applies(x, layer.weight)
-        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
-        assert not linear.split_applies(torch.randn(64, 256), layer.weight)  # many rows: plain GEMM
-        assert not linear.split_applies(x, layer.weight.double())  # fp64: plain F.linear
-        assert not linear.split_applies(x, linear.Linear(8, 16).weight)  # a small weight stays in cache
+        assert _split_used(layer, x)
+        assert not _split_used(layer, torch.randn(64, 256))  # many rows: plain GEMM
+        assert not _split_used(linear.Linear(256, 512).double(), x.double())  # fp64: plain F.linear
+        assert not _split_used(linear.Linear(8, 16), torch.randn(1, 8))  # a small weight stays in cache
         with linear.plain_products():
-            assert not linear.split_applies(x, layer.weight)
-    assert not linear.split_applies(x, layer.weight)  # autograd records: plain F.linear
+            assert not _split_used(layer, x)
+    assert not _split_used(layer, x)  # autograd records: plain F.linear
     assert isinstance(layer._blocks, tuple)
     with torch.no_grad():
         layer.weight.data = torch.randn(512, 256)  # new storage under the same Parameter: no stale views
-        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+        assert _split_used(layer, x)
         layer.weight.mul_(2)  # in place: the views see it
-        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+        assert _split_used(layer, x)
+        layer.weight = torch.nn.Parameter(torch.randn(512, 256))  # a new Parameter: new views
+        assert _split_used(layer, x)
     layer.double()
     assert layer._blocks is None  # moved: the views of the old storage are dropped
 
@@ -468,8 +476,9 @@ def test_presets_build():
         assert prior.num_params()["total"] == sum(p.numel() for p in prior.parameters())
 
 
-def test_split_products_fall_back_for_odd_widths():
+def test_split_products_fall_back_for_odd_widths(split_tiny):
     assert tuple(map(linear.split_count, (8192, 24, 6, 37))) == (16, 8, 2, 0)
     x = torch.randn(2, 8)
-    for layer in (torch.nn.Linear(8, 37), torch.nn.Linear(8, 24, bias=False)):
-        torch.testing.assert_close(linear.split_linear(x, layer.weight, layer.bias), layer(x))
+    with torch.no_grad():
+        assert not _split_used(linear.Linear(8, 37), x)  # no block count divides 37: F.linear
+        assert _split_used(linear.Linear(8, 24, bias=False), x)  # 8 blocks, no bias: bmm

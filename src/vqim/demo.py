@@ -290,15 +290,14 @@ def stage4(out: Path, progress: bool, steps: int | None = None) -> dict[str, Any
     kw = {"top_k": SAMPLE_TOP_K, "seed": 0}
 
     # Super-resolution: every held-out tile from its 16×16 version; one sample each for PSNR, several shown.
-    sr = parse_condition(specs["sr"])
     low = F.avg_pool2d(images, SR_FACTOR)
+    low_shown = parse_condition(specs["sr"]).from_input(low, (size, size))  # enlarged by nearest neighbour
     with torch.no_grad():
-        cond_sr = ctoks["sr"].encode(sr.from_input(low, (size, size)))
+        cond_sr = ctoks["sr"].encode(low_shown)
         one = tok.decode(generate(priors["sr"], len(images), condition=cond_sr, **kw))
         recon = tok.decode(tok.encode(images))
     bicubic = F.interpolate(low, scale_factor=SR_FACTOR, mode="bicubic", align_corners=False).clamp(0, 1)
-    per_image = lambda a: float(torch.stack([psnr(x[None], y[None]) for x, y in zip(a, images)]).mean())  # noqa: E731
-    psnr_sr, psnr_bicubic, psnr_recon = per_image(one), per_image(bicubic), per_image(recon)
+    psnr_sr, psnr_bicubic, psnr_recon = (float(psnr(a, images).mean()) for a in (one, bicubic, recon))
 
     def panel(name: str, conds: torch.Tensor, shown: torch.Tensor, n: int = 3) -> None:
         rows = []
@@ -309,7 +308,7 @@ def stage4(out: Path, progress: bool, steps: int | None = None) -> dict[str, Any
         grid = make_grid(torch.cat(rows), nrow=n + 2, padding=2)
         atomic_write(root / f"{name}.png", lambda tmp: save_image(grid, tmp, format="png"))
 
-    panel("sr", cond_sr, upsample_nearest(low, SR_FACTOR))
+    panel("sr", cond_sr, low_shown)
     edge_maps = parse_condition(specs["edges"]).derive(images)
     with torch.no_grad():
         cond_edges = ctoks["edges"].encode(edge_maps)
@@ -347,12 +346,6 @@ def stage4(out: Path, progress: bool, steps: int | None = None) -> dict[str, Any
         "condition_tokenizer_steps": tok_steps,
         "seconds": round(time.perf_counter() - t0, 1),
     }
-
-
-def upsample_nearest(images: torch.Tensor, factor: int) -> torch.Tensor:
-    from vqim.conditions import upsample
-
-    return upsample(images, factor)
 
 
 def _table(d: dict[str, Any]) -> str:

@@ -58,7 +58,8 @@ class PriorOutput:
 
 
 class Prior(PretrainedMixin, nn.Module):
-    """Decoder-only causal Transformer over token ids, unconditional or class-conditional.
+    """Decoder-only causal Transformer over token ids: unconditional, class-conditional, spatially conditioned
+    (condition tokens in front), or both.
 
     `save_pretrained(dir)` / `Prior.from_pretrained(dir)` write and read `config.json` + `model.safetensors`.
 

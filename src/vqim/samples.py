@@ -95,7 +95,8 @@ class SampleConfig:
         prior: prior folder (written by train-prior).
         tokenizer: the tokenizer folder whose tokens the prior was trained on.
         out: folder for grid.png and one PNG per image.
-        classes: comma-separated class ids of a class-conditional prior (default: every class).
+        classes: comma-separated class ids of a class-conditional prior (default: every class); with
+            --condition, the k-th condition image takes the k-th class (cycling through the list).
         n: images per class (unconditional: in all), generated as one batch; with --condition, samples per
             condition image.
         sampling: sampling settings.
@@ -136,18 +137,25 @@ def canvas_grid(cfg_grid: str | None, cfg_image_size: str | None, prior: Any, to
     return parse_size(cfg_grid, "--grid") or tuple(prior.grid_size)
 
 
-@torch.no_grad()
-def sample_to_folder(cfg: SampleConfig) -> dict[str, Any]:
-    """Generate cfg.n images per class and write grid.png and single PNGs; returns what was written."""
-    from torchvision.utils import make_grid, save_image
-
+def _load_pair(cfg: SampleConfig | CompleteConfig) -> tuple[Any, Any, torch.device]:
+    """Check cfg.n, then load the prior and its tokenizer (checked together) on cfg.device."""
     from vqim.prior import load_prior_and_tokenizer
-    from vqim.sampling import generate_images
 
     if cfg.n < 1:
         raise ValueError(f"n must be at least 1, got {cfg.n}")
     device = resolve_device(cfg.device)
     prior, tok = load_prior_and_tokenizer(cfg.prior, cfg.tokenizer, device)
+    return prior, tok, device
+
+
+@torch.no_grad()
+def sample_to_folder(cfg: SampleConfig) -> dict[str, Any]:
+    """Generate cfg.n images per class and write grid.png and single PNGs; returns what was written."""
+    from torchvision.utils import make_grid, save_image
+
+    from vqim.sampling import generate_images
+
+    prior, tok, device = _load_pair(cfg)
     grid = canvas_grid(cfg.grid, cfg.image_size, prior, tok)
     if prior.config.spatial or cfg.condition:
         return _sample_conditioned(cfg, prior, tok, grid, device)
@@ -304,13 +312,9 @@ def complete_to_folder(cfg: CompleteConfig) -> dict[str, Any]:
     """Complete each image n times from its kept tokens; writes grid.png and single PNGs."""
     from torchvision.utils import make_grid
 
-    from vqim.prior import load_prior_and_tokenizer
     from vqim.sampling import generate
 
-    if cfg.n < 1:
-        raise ValueError(f"n must be at least 1, got {cfg.n}")
-    device = resolve_device(cfg.device)
-    prior, tok = load_prior_and_tokenizer(cfg.prior, cfg.tokenizer, device)
+    prior, tok, device = _load_pair(cfg)
     if prior.config.spatial:
         raise ValueError("`vqim complete` takes a prior without a spatial condition")
     h, w = prior.grid_size

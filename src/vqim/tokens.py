@@ -461,13 +461,9 @@ def encode_to_folder(cfg: EncodeConfig) -> dict[str, Any]:
     tok = Tokenizer.from_pretrained(cfg.tokenizer, device=device)
     size = cfg.image_size or tok.config.image_size
     ds = build_dataset(cfg.data, size, train=cfg.split == "train", augment=False, labels_csv=cfg.labels_csv)
-    if (cfg.condition is None) != (cfg.condition_tokenizer is None):
-        raise ValueError("a spatial condition needs both --condition and --condition-tokenizer")
-    ctok = (
-        None
-        if cfg.condition_tokenizer is None
-        else Tokenizer.from_pretrained(cfg.condition_tokenizer, device=device)
-    )
+    ctok = None
+    if cfg.condition_tokenizer is not None:
+        ctok = Tokenizer.from_pretrained(cfg.condition_tokenizer, device=device)
     return encode_dataset(
         tok, ds, cfg.out, batch_size=cfg.batch_size, shard_size=cfg.shard_size, num_workers=cfg.num_workers,
         device=device, progress=cfg.progress, condition=cfg.condition, condition_tokenizer=ctok,

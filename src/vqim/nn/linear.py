@@ -8,7 +8,7 @@ the weight, (S, out/S, in) · (in, rows), keeps every thread streaming its own b
 the same; only their rounding order differs.
 
 `Linear` takes that path by itself when its input has at most `SPLIT_MAX_ROWS` rows, no gradient is being
-recorded, and the weight is fp32 on the CPU; everything else (training, encoding, prefill over many
+recorded, and the weight is fp32 on the CPU with at least `SPLIT_MIN_WEIGHT` elements; everything else (training, encoding, prefill over many
 positions, GPUs) is the ordinary `F.linear`. Its parameters and state-dict keys are those of `nn.Linear`.
 """
 
@@ -36,44 +36,6 @@ def split_count(out_features: int) -> int:
     return next((s for s in (16, 8, 4, 2) if out_features % s == 0), 0)
 
 
-def split_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` for x (..., in) as one batched GEMM over row blocks of the weight.
-
-    Falls back to `F.linear` when no block count divides the output width.
-    """
-    out, d_in = weight.shape
-    s = split_count(out)
-    if not s:
-        return F.linear(x, weight, bias)
-    lead = x.shape[:-1]
-    rows = x.numel() // d_in
-    ws = weight.contiguous().view(s, out // s, d_in)
-    # x (rows, in) transposed to (in, rows) with strides (1, in): MKL takes it as a transposed operand and runs
-    # the batched GEMM path; the same column made contiguous (strides (1, 1)) is 5× slower.
-    xt = x.reshape(rows, d_in).t().expand(s, -1, -1)
-    y = torch.bmm(ws, xt) if bias is None else torch.baddbmm(bias.view(s, -1, 1), ws, xt)
-    return y.permute(2, 0, 1).reshape(*lead, out)  # (S, out/S, rows) → (..., out)
-
-
-def _split_views(weight: torch.Tensor, bias: torch.Tensor | None, s: int) -> tuple:
-    """The weight and bias as S row blocks, (S, out/S, in) and (S, out/S, 1), views of the same storage."""
-    out, d_in = weight.shape
-    with torch.no_grad():
-        return weight.detach().view(s, out // s, d_in), None if bias is None else bias.detach().view(s, -1, 1)
-
-
-def split_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `Linear` takes the split product for input x: few rows, no autograd, fp32 on the CPU."""
-    return (
-        _enabled
-        and weight.device.type == "cpu"
-        and weight.dtype == torch.float32
-        and x.numel() <= SPLIT_MAX_ROWS * weight.shape[1]
-        and weight.numel() >= SPLIT_MIN_WEIGHT
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-    )
-
-
 @contextlib.contextmanager
 def plain_products() -> Iterator[None]:
     """Within this context every `Linear` uses `F.linear` (to compare the two paths, or to time them)."""
@@ -86,31 +48,36 @@ def plain_products() -> Iterator[None]:
 
 
 class Linear(nn.Linear):
-    """`nn.Linear` that computes few-row inputs without autograd on CPU with `split_linear` (module docstring).
+    """`nn.Linear` that computes few-row inputs without autograd on CPU as one batched GEMM over row blocks of
+    the weight (module docstring).
 
-    The blocked views of the weight and bias are made on the first such call and kept: views share the
-    parameters' storage, so in-place updates (optimizer steps, `load_state_dict`) show through, and moving
-    the module (`.to()`, `.half()`, which may give the parameters new storage) or assigning a new weight
-    drops them. A decode step runs some 30 of these products, so the per-call Python is kept to a few
-    attribute reads.
+    The blocked views of the weight and bias are made on the first call and kept: views share the parameters'
+    storage, so in-place updates (optimizer steps, `load_state_dict`) show through; a replaced weight (a new
+    Parameter, or new storage under the same one) is noticed and gets new views, and moving the module
+    (`.to()`, `.half()`) looks again whether the weight qualifies. A decode step runs some 30 of these products,
+    so the per-call Python is kept to a few attribute reads.
     """
 
-    # None: not looked at yet; False: this weight never takes the split product (small, not fp32 on the CPU, or
-    # no block count divides it); else (weight Parameter, weight blocks, bias blocks, max input numel, the
-    # weight's data pointer when the views were made, in_features, out_features).
+    # None: not looked at yet; False: this weight never takes the split product (fewer than SPLIT_MIN_WEIGHT
+    # elements, not fp32 on the CPU, or no block count divides its rows); else (weight Parameter, weight blocks,
+    # bias blocks, max input numel, the weight's data pointer when the views were made, in_features,
+    # out_features).
     _blocks: tuple | bool | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         blocks = self._blocks
         if blocks is None:
             blocks = self._blocks = self._make_blocks()
-        if blocks is not False and _enabled and not torch.is_grad_enabled():
-            w, ws, bs, most, ptr, d_in, out = blocks
-            if x.numel() <= most and self._parameters["weight"] is w and w.data_ptr() == ptr:
-                # split_linear with the views made once, inline: one Python frame per product.
-                xt = x.reshape(-1, d_in).t().expand(ws.shape[0], -1, -1)  # see split_linear
-                y = torch.bmm(ws, xt) if bs is None else torch.baddbmm(bs, ws, xt)
-                return y.permute(2, 0, 1).reshape(x.shape[:-1] + (out,))
+        if blocks is not False and _enabled and not torch.is_grad_enabled() and x.numel() <= blocks[3]:
+            w, ws, bs, _, ptr, d_in, out = blocks
+            if self._parameters["weight"] is not w or w.data_ptr() != ptr:  # replaced since: new views
+                self._blocks = None
+                return self.forward(x)
+            # x (rows, in) transposed to (in, rows) with strides (1, in): MKL takes it as a transposed operand
+            # and runs the batched GEMM path; the same column made contiguous (strides (1, 1)) is 5× slower.
+            xt = x.reshape(-1, d_in).t().expand(ws.shape[0], -1, -1)
+            y = torch.bmm(ws, xt) if bs is None else torch.baddbmm(bs, ws, xt)
+            return y.permute(2, 0, 1).reshape(x.shape[:-1] + (out,))  # (S, out/S, rows) → (..., out)
         return F.linear(x, self.weight, self.bias)
 
     def _make_blocks(self) -> tuple | bool:
@@ -119,39 +86,15 @@ class Linear(nn.Linear):
         eligible = w.device.type == "cpu" and w.dtype == torch.float32 and w.numel() >= SPLIT_MIN_WEIGHT
         if not s or not eligible or not w.is_contiguous():
             return False
-        ws, bs = _split_views(w, b, s)
-        # The Parameter itself and its data pointer: a new Parameter or new storage makes the views stale.
-        return (
-            w,
-            ws,
-            bs,
-            SPLIT_MAX_ROWS * self.in_features,
-            w.data_ptr(),
-            self.in_features,
-            self.out_features,
-        )
+        with torch.no_grad():
+            ws = w.detach().view(s, self.out_features // s, self.in_features)
+            bs = None if b is None else b.detach().view(s, -1, 1)
+        most = SPLIT_MAX_ROWS * self.in_features
+        return (w, ws, bs, most, w.data_ptr(), self.in_features, self.out_features)
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's signature)
-        self._blocks = None  # .to() / .half() / .cuda() may move the weights to new storage
+        self._blocks = None  # after .to() / .half() / .cuda(), look again whether the weight qualifies
         return super()._apply(fn, recurse)
 
-    def __setattr__(self, name: str, value: object) -> None:
-        if name in ("weight", "bias"):
-            self.__dict__["_blocks"] = None
-        super().__setattr__(name, value)
 
-    def __getstate__(self) -> dict:
-        state = dict(super().__getstate__())
-        state.pop("_blocks", None)  # views of this instance's storage: never carried into a copy
-        return state
-
-
-__all__ = [
-    "Linear",
-    "SPLIT_MAX_ROWS",
-    "SPLIT_MIN_WEIGHT",
-    "plain_products",
-    "split_applies",
-    "split_count",
-    "split_linear",
-]
+__all__ = ["Linear", "SPLIT_MAX_ROWS", "SPLIT_MIN_WEIGHT", "plain_products", "split_count"]

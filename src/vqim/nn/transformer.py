@@ -142,8 +142,7 @@ class MLP(nn.Module):
         if self.training and self.dropout:
             p = self.dropout
             return F.dropout(self.fc2(F.dropout(F.gelu(self.fc1(x)), p, True)), p, True)
-        m = self._modules  # see Block.forward on calling .forward and reading _modules
-        return m["fc2"].forward(F.gelu(m["fc1"].forward(x)))
+        return self.fc2(F.gelu(self.fc1(x)))
 
 
 class Block(nn.Module):
