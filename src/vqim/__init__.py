@@ -10,11 +10,13 @@ from vqim.config import (  # noqa: E402
     prior_presets,
     tokenizer_presets,
 )
+from vqim.errors import InputError  # noqa: E402
 from vqim.prior import Prior, PriorOutput  # noqa: E402
 from vqim.sampling import generate, generate_images, generate_recompute, sample_logits  # noqa: E402
 from vqim.tokenizer import Tokenizer, TokenizerOutput  # noqa: E402
 
 __all__ = [
+    "InputError",
     "Tokenizer",
     "TokenizerOutput",
     "TokenizerConfig",
