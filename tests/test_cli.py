@@ -120,13 +120,20 @@ def test_resume_equals_uninterrupted_run(tmp_path, folder, capsys):
     assert max(diffs.values()) < 1e-6, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
 
 
-def test_partial_checkpoint_is_ignored(tmp_path):
+def test_partial_checkpoint_is_ignored_and_cleaned_at_the_next_start(tmp_path):
+    from vqim.train.rundir import clean_leftovers
+
     root = tmp_path / "checkpoints"
-    (root / "step-0000002").mkdir(parents=True)
-    (root / "step-0000002" / "training_state.json").write_text("{}")
+    for step, files in ((2, st.COMPLETE), (6, ["training_state.json"])):  # 6: a prune killed half-way
+        (root / f"step-{step:07d}").mkdir(parents=True)
+        for name in files:
+            (root / f"step-{step:07d}" / name).write_text("{}")
     (root / ".step-0000004.partial").mkdir()
-    (root / "step-0000006").mkdir()  # no training_state.json: incomplete
+    (root / ".step-0000001.deleting").mkdir()
     assert st.latest_checkpoint(root).name == "step-0000002"
+    removed = clean_leftovers(root)
+    assert sorted(removed) == [".step-0000001.deleting", ".step-0000004.partial", "step-0000006"]
+    assert sorted(p.name for p in root.iterdir()) == ["step-0000002"]
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):

@@ -69,11 +69,13 @@ def save_checkpoint(
     extra_tensors: dict[str, torch.Tensor],
     meta: dict[str, Any],
     keep: int,
+    after_commit: Callable[[], None] | None = None,
 ) -> None:
     """Write model (save_pretrained layout) + training state into root/step-N, atomically, on all processes.
 
     The main process writes the model, optimizer, scheduler and `meta`; every process writes its RNG state;
-    the folder is renamed into place once complete.
+    the folder is renamed into place once complete (then the main process calls `after_commit`). Pruning keeps
+    the `keep` newest checkpoints of the run named by `meta["run_id"]`.
     """
     tmp = st.tmp_dir(root, step)
     if acc.is_main_process:
@@ -88,7 +90,9 @@ def save_checkpoint(
     st.write_process_state(tmp, acc.process_index, rt, rm)
     acc.wait_for_everyone()
     if acc.is_main_process:
-        st.commit(root, step, keep)
+        st.commit(root, step, keep, str(meta.get("run_id", "")))
+        if after_commit is not None:
+            after_commit()
     acc.wait_for_everyone()
 
 

@@ -25,7 +25,7 @@ from vqim.data import StepSampler
 from vqim.options import option
 from vqim.prior import Prior, bits_per_token, nats_to_bits
 from vqim.tokens import TokenDataset, collate_tokens
-from vqim.train.trainer import StepOutput, TrainConfig, Trainer
+from vqim.train.trainer import StepOutput, TrainConfig, Trainer, check_settings
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,15 @@ class PriorTrainConfig(TrainConfig):
     final_lr: float = 1e-5
     eval_every: int = 500
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_settings(
+            self,
+            positive=("eval_every", "final_lr"),
+            non_negative=("val_every", "decay_start"),
+            unit=("dropout", "class_dropout"),
+        )
+
 
 def vim_lr_lambda(step: int, total: int, warmup: int, decay_start: int, final_ratio: float) -> float:
     """Linear warmup to 1, flat, then exponential decay reaching final_ratio at `total` (VIM's schedule)."""
@@ -87,6 +96,8 @@ class PriorTrainer(Trainer):
     desc = "train-prior"
     rate_name = "tokens_per_s"
     summary_file = "metrics.json"
+    outputs = (*Trainer.outputs, "tokens.json")
+    fixed_settings = ("preset", "model", "dropout", "class_dropout", "unconditional")
     cfg: PriorTrainConfig
 
     def setup(self) -> Prior:
@@ -152,24 +163,19 @@ class PriorTrainer(Trainer):
             batch["condition"] = batch["condition"].to(self.device) if "condition" in batch else None
             yield batch
 
-    def before_loop(self) -> None:
-        if self.main:
-            ds = self.train_set
-            write_json(
-                self.out / "tokens.json",
-                {
-                    "tokens": str(self.cfg.tokens),
-                    **{
-                        k: ds.manifest[k]
-                        for k in ("tokenizer_config_hash", "tokenizer_id")
-                        if k in ds.manifest
-                    },
-                    "grid_size": list(ds.grid_size),
-                    "codebook_size": ds.codebook_size,
-                    "class_names": ds.class_names if self.conditional else None,
-                    "condition": ds.condition,
-                },
-            )
+    def write_records(self) -> None:
+        ds = self.train_set
+        write_json(
+            self.out / "tokens.json",
+            {
+                "tokens": str(self.cfg.tokens),
+                **{k: ds.manifest[k] for k in ("tokenizer_config_hash", "tokenizer_id") if k in ds.manifest},
+                "grid_size": list(ds.grid_size),
+                "codebook_size": ds.codebook_size,
+                "class_names": ds.class_names if self.conditional else None,
+                "condition": ds.condition,
+            },
+        )
 
     def compute_loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> StepOutput:
         tokens = batch["tokens"]

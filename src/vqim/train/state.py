@@ -110,17 +110,45 @@ def read_shared_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
     )
 
 
-def commit(root: str | os.PathLike, step: int, keep: int) -> Path:
-    """Rename the finished temporary folder into place and prune old checkpoints beyond `keep`."""
+def _remove(path: Path) -> None:
+    """Delete a checkpoint folder: renamed aside first, so a kill mid-delete leaves no half step folder."""
+    aside = path.with_name(f".{path.name}.deleting")
+    os.replace(path, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def run_id_of(directory: Path) -> str:
+    """The id of the run that wrote a checkpoint ("" for checkpoints written before runs had ids)."""
+    try:
+        return str(read_json(directory / "training_state.json", "training state").get("run_id", ""))
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
+def commit(root: str | os.PathLike, step: int, keep: int, run_id: str = "") -> Path:
+    """Rename the finished temporary folder into place and prune this run's checkpoints beyond `keep`.
+
+    Only checkpoints of the same run (`run_id`) are pruned: a checkpoint of another run is never deleted for
+    this one's, whatever their step numbers.
+    """
     final, tmp = step_dir(root, step), tmp_dir(root, step)
     if final.exists():
-        shutil.rmtree(final)
+        _remove(final)
     os.replace(tmp, final)
-    done = list_checkpoints(root)
-    for old in done[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    write_json(Path(root) / "latest.json", {"step": step, "path": final.name})
+    write_json(Path(root) / "latest.json", {"step": step, "path": final.name, "run_id": run_id})
+    mine = [p for p in list_checkpoints(root) if run_id_of(p) == run_id]
+    for old in mine[:-keep] if keep > 0 else []:
+        if old != final:
+            _remove(old)
     return final
+
+
+# A checkpoint folder is complete when it holds all of these (it is renamed into place only then).
+COMPLETE = ("training_state.json", "training_state.safetensors", "model.safetensors")
+
+
+def is_complete(directory: Path) -> bool:
+    return all((directory / name).is_file() for name in COMPLETE)
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:
@@ -129,9 +157,18 @@ def list_checkpoints(root: str | os.PathLike) -> list[Path]:
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found) if (p / "training_state.json").is_file()]
+    return [p for _, p in sorted(found) if is_complete(p)]
 
 
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The checkpoint `latest.json` names (the last one committed) when complete, else the highest complete."""
+    latest = Path(root) / "latest.json"
+    if latest.is_file():
+        try:
+            named = Path(root) / str(read_json(latest, "latest checkpoint")["path"])
+        except (ValueError, KeyError, TypeError):
+            named = None
+        if named is not None and STEP_DIR.match(named.name) and named.is_dir() and is_complete(named):
+            return named
     done = list_checkpoints(root)
     return done[-1] if done else None

@@ -31,7 +31,7 @@ from vqim.options import option
 from vqim.tokenizer import Tokenizer
 from vqim.train import state as st
 from vqim.train.gan import DISCRIMINATORS, GAN
-from vqim.train.trainer import StepOutput, TrainConfig, Trainer
+from vqim.train.trainer import StepOutput, TrainConfig, Trainer, check_settings
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,15 @@ class TokenizerTrainConfig(TrainConfig):
     vgg_weights: str | None = None
     lpips_weights: str | None = None
     condition: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_settings(
+            self,
+            positive=("image_every", "r1_interval", "disc_lr", "disc_channels"),
+            non_negative=("disc_start", "adv_weight", "r1_gamma", "perceptual_weight"),
+            unit=("min_lr_ratio",),
+        )
 
     @classmethod
     def for_preset(cls, preset: str, **settings: Any) -> TokenizerTrainConfig:
@@ -142,6 +151,8 @@ class TokenizerTrainer(Trainer):
 
     desc = "train"
     rate_name = "images_per_s"
+    outputs = (*Trainer.outputs, "samples")
+    fixed_settings = ("preset", "model", "condition")
     cfg: TokenizerTrainConfig
 
     def __init__(self, cfg: TokenizerTrainConfig) -> None:

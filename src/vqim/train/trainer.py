@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import math
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +28,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from vqim.checkpoint import write_json
+from vqim.checkpoint import read_json, write_json
+from vqim.errors import InputError
 from vqim.options import option
+from vqim.train import rundir
 from vqim.train import state as st
 from vqim.train.common import (
     gather_names,
@@ -67,8 +70,12 @@ class TrainConfig:
         num_workers: DataLoader workers per process.
         log_every: logging interval in steps (loss terms are read from the device only then).
         ckpt_every: checkpoint interval in steps.
-        keep_checkpoints: complete checkpoints kept on disk.
-        resume: continue from the latest complete checkpoint under OUT/checkpoints (a new run if none).
+        keep_checkpoints: complete checkpoints kept on disk (0: keep all).
+        resume: continue from the latest complete checkpoint under OUT/checkpoints (a new run if none); the
+            settings must match the saved run's (see --override).
+        overwrite: replace the run already in OUT; nothing of it is deleted before this run's first checkpoint.
+        override: on --resume, settings that may differ from the saved run's (e.g. lr batch_size); recorded in
+            train_config.json. Settings that define the model cannot be overridden.
         mixed_precision: "auto" (bf16 autocast on GPU, fp32 on CPU), "no" or "bf16".
         progress: show a progress bar.
         max_minutes: stop (with a checkpoint) after this much training time; the lr schedule still follows
@@ -93,6 +100,8 @@ class TrainConfig:
     ckpt_every: int = 500
     keep_checkpoints: int = 2
     resume: bool = option(False, negatable=False)
+    overwrite: bool = option(False, negatable=False)
+    override: list[str] = option(default_factory=list, metavar="SETTING")
     mixed_precision: str = option("auto", choices=("auto", "no", "bf16"))
     progress: bool = True
     max_minutes: float | None = None
@@ -100,13 +109,40 @@ class TrainConfig:
     max_nonfinite: int = 20
 
     def __post_init__(self) -> None:
-        if self.steps < 0:
-            raise ValueError(f"--steps must be >= 0, got {self.steps}")
-        if self.batch_size <= 0:
-            raise ValueError(f"--batch-size must be positive, got {self.batch_size}")
-        for name in ("log_every", "ckpt_every"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        check_settings(
+            self,
+            positive=("steps", "batch_size", "lr", "log_every", "ckpt_every", "max_nonfinite"),
+            non_negative=("warmup_steps", "weight_decay", "grad_clip", "num_workers", "keep_checkpoints"),
+        )
+        if self.max_minutes is not None and not (self.max_minutes > 0):
+            raise InputError(f"--max-minutes must be a positive number of minutes, got {self.max_minutes}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise InputError(f"--betas must be two numbers in [0, 1), got {' '.join(map(str, self.betas))}")
+        if self.compile is not None and self.compile not in COMPILE_MODES:
+            raise InputError(
+                f"--compile: unknown mode {self.compile!r}; choose one of {', '.join(COMPILE_MODES)}"
+            )
+
+
+# torch.compile's modes (torch._inductor.list_mode_options(), and "default").
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def check_settings(
+    cfg: Any,
+    positive: tuple[str, ...] = (),
+    non_negative: tuple[str, ...] = (),
+    unit: tuple[str, ...] = (),
+) -> None:
+    """Refuse settings outside their range (None: not given, allowed) with the flag named: `positive` > 0,
+    `non_negative` >= 0, `unit` in [0, 1]. NaN is outside every range."""
+    rules = [(positive, lambda v: v > 0, "a positive number"), (non_negative, lambda v: v >= 0, ">= 0"),
+             (unit, lambda v: 0 <= v <= 1, "in [0, 1]")]  # fmt: skip
+    for names, ok, what in rules:
+        for name in names:
+            v = getattr(cfg, name)
+            if v is not None and not ok(v):
+                raise InputError(f"--{name.replace('_', '-')} must be {what}, got {v}")
 
 
 @dataclass
@@ -180,6 +216,10 @@ class Trainer(abc.ABC):
     rate_name = "items_per_s"
     summary_file = "train_summary.json"
     warmup_fraction = 0.1
+    # What a run writes into its folder (besides summary_file): how a folder holding a run is recognised.
+    outputs: tuple[str, ...] = ("train_config.json", "config.json", "model.safetensors", "checkpoints", "tb")
+    # Settings that define the model: a resumed run takes them from its checkpoint, so they must match.
+    fixed_settings: tuple[str, ...] = ("preset", "model")
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
@@ -191,6 +231,9 @@ class Trainer(abc.ABC):
         self.ckpt_root = self.out / "checkpoints"
         self.step = 0
         self.resume_from: Path | None = None
+        self.run_id = uuid.uuid4().hex
+        self.replacement: rundir.Replacement | None = None
+        self.overrides: list[dict[str, Any]] = []  # --override records, this run's and earlier ones
         self.skipped: set[str] = set()  # unreadable input files met so far
         self.counters: dict[str, int] = {"nonfinite_steps": 0}
         self.writer = None
@@ -245,6 +288,9 @@ class Trainer(abc.ABC):
         """Extra entries of the run summary."""
         return {}
 
+    def write_records(self) -> None:  # noqa: B027 - optional hook
+        """Write what describes the run besides train_config.json (e.g. the prior's tokens.json); main process."""
+
     def save_final(self) -> None:
         """Write the final model into the output folder (main process)."""
         self.raw.save_pretrained(self.out)
@@ -255,12 +301,51 @@ class Trainer(abc.ABC):
         return False
 
     def _resume_point(self) -> Path | None:
-        if not self.cfg.resume:
+        """Check the output folder; the checkpoint to resume from (None: a new run)."""
+        cfg = self.cfg
+        self.replacement = rundir.check_out(
+            self.out, (*self.outputs, self.summary_file), cfg.resume, cfg.overwrite
+        )
+        if self.main:
+            rundir.clean_leftovers(self.ckpt_root)
+        self.acc.wait_for_everyone()
+        if not cfg.resume:
             return None
         found = st.latest_checkpoint(self.ckpt_root)
         if found is None:
             log.info("no checkpoint under %s yet: starting a new run", self.ckpt_root)
+            return None
+        step = int(read_json(found / "training_state.json", "training state")["step"])
+        if step > cfg.steps:
+            raise InputError(
+                f"--steps {cfg.steps}: the run in {self.out} is already at step {step}; give a larger --steps to "
+                f"train further"
+            )
+        saved_file = self.out / "train_config.json"
+        if saved_file.is_file():
+            saved = read_json(saved_file, "training settings")
+            if not isinstance(saved, dict):
+                raise InputError(f"{saved_file} is not a JSON object: it is not a vqim training record")
+            given = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+            fixed = tuple(k for k in self.fixed_settings if k in given)
+            records = rundir.check_resume(saved, given, cfg.override, fixed, self.out)
+            self.overrides = [*saved.get("overrides", []), *({**r, "step": step} for r in records)]
+        else:
+            log.warning("%s is missing: the settings of the resumed run cannot be checked", saved_file)
         return found
+
+    def _write_config(self) -> None:
+        """train_config.json (the settings, the model, the --override history) and the subclass's records."""
+        record = {**dataclasses.asdict(self.cfg), **self.config_record(), "overrides": self.overrides}
+        write_json(self.out / "train_config.json", record)
+        self.write_records()
+
+    def _after_commit(self) -> None:
+        """After a checkpoint is in place: an --overwrite run replaces the old run at its first checkpoint."""
+        if self.replacement is not None:
+            self._write_config()
+            self.replacement.apply()
+            self.replacement = None
 
     def fit(self) -> dict[str, Any]:
         """Train; returns the run summary (also written to OUT/<summary_file>)."""
@@ -279,6 +364,7 @@ class Trainer(abc.ABC):
         if self.resume_from is not None:
             tensors, meta = restore_checkpoint(self.resume_from, self.rank, self.optimizer, self.scheduler)
             self.step = int(meta["step"])
+            self.run_id = str(meta.get("run_id", ""))
             self.skipped = set(meta.get("skipped", []))
             self.counters.update({k: int(v) for k, v in meta.get("counters", {}).items()})
             self.load_extra_state(tensors, meta)
@@ -293,7 +379,8 @@ class Trainer(abc.ABC):
             self.model = torch.compile(self.model, mode=cfg.compile)
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            write_json(self.out / "train_config.json", {**dataclasses.asdict(cfg), **self.config_record()})
+            if self.replacement is None:  # an --overwrite run writes its records at its first checkpoint
+                self._write_config()
         self.writer = tensorboard(self.out, self.main)
         self.before_loop()
 
@@ -384,10 +471,15 @@ class Trainer(abc.ABC):
     def checkpoint(self) -> None:
         """Write a complete checkpoint of the run at the current step (all processes take part)."""
         tensors, meta = self.extra_state()
-        meta = {**meta, "skipped": sorted(self.skipped), "counters": dict(self.counters)}
+        meta = {
+            **meta,
+            "skipped": sorted(self.skipped),
+            "counters": dict(self.counters),
+            "run_id": self.run_id,
+        }
         save_checkpoint(
             self.acc, self.ckpt_root, self.step, self.raw, self.optimizer.optimizer, self.scheduler,
-            tensors, meta, self.cfg.keep_checkpoints,
+            tensors, meta, self.cfg.keep_checkpoints, after_commit=self._after_commit,
         )  # fmt: skip
 
     def _finish(self, t0: float, start_step: int, stop_reason: str | None) -> dict[str, Any]:
@@ -418,7 +510,10 @@ class Trainer(abc.ABC):
         if self.main:
             if stop_reason is None:
                 self.save_final()
-            write_json(self.out / self.summary_file, summary)
+            if self.replacement is None:
+                write_json(self.out / self.summary_file, summary)
+            else:  # stopped before its first checkpoint: the run it was to replace stays as it was
+                log.warning("this run made no checkpoint: %s still holds the previous run", self.out)
             if self.writer is not None:
                 self.writer.close()
             if all_skipped:
