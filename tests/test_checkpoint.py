@@ -73,7 +73,7 @@ def test_tokenizer_and_prior_round_trip_through_save_pretrained(tmp_path):
     assert torch.equal(tok.eval().encode(x), tok2.encode(x))
     ids = torch.randint(0, 64, (2, 16))
     assert torch.equal(prior.eval()(ids, 1).logits, prior2(ids, 1).logits)
-    with pytest.raises(ValueError, match="holds a 'prior' checkpoint, not a 'tokenizer'"):
+    with pytest.raises(ValueError, match="describes a 'prior' checkpoint, not a 'tokenizer'"):
         Tokenizer.from_pretrained(tmp_path / "prior")
 
 

@@ -247,7 +247,7 @@ def test_bad_input_exits_2_with_one_error_line(tmp_path, capsys):
         (["reconstruct", "--tokenizer", str(tmp_path / "none"), "a.png", "--out", str(tmp_path)],
          "tokenizer directory not found"),
         (["ablate", "--out", str(tmp_path / "study"), "--only", "dim3"], "unknown ablation variants"),
-        (["sample", "--prior", "p", "--tokenizer", "t", "--out", "o", "--top-p", "2"], "top_p must be"),
+        (["sample", "--prior", "p", "--tokenizer", "t", "--out", "o", "--top-p", "2"], "top_p (--top-p) must be"),
     ]  # fmt: skip
     for argv, message in cases:
         with pytest.raises(SystemExit) as e:

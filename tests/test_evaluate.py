@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vqim import Prior, Tokenizer
+from vqim import InputError, Prior, Tokenizer
 from vqim.evaluate import (
     EvalPriorConfig,
     ProbeConfig,
@@ -32,15 +32,18 @@ def test_load_center_crop_resizes_the_shorter_side_then_crops_the_middle(tmp_pat
         load_center_crop(tmp_path / "missing.png", 20)
 
 
-def test_reconstruct_files_writes_pairs_and_psnr(tmp_path, caplog):
+def test_reconstruct_files_writes_pairs_and_psnr(tmp_path):
     torch.manual_seed(0)
     tok = Tokenizer.from_preset("vit-vqgan-tiny", image_size=32, codebook_size=64).eval()
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(tmp_path / "a.png")
     (tmp_path / "broken.png").write_bytes(b"not an image")
-    res = reconstruct_files(tok, [str(tmp_path / "a.png"), str(tmp_path / "broken.png")], tmp_path / "out")
-    assert list(res) == [str(tmp_path / "a.png")]  # the unreadable file is skipped, with a warning
-    assert "skipping unreadable image" in caplog.text
+    # A named file that cannot be read is refused before anything is written.
+    with pytest.raises(InputError, match="broken.png: not a readable image"):
+        reconstruct_files(tok, [str(tmp_path / "a.png"), str(tmp_path / "broken.png")], tmp_path / "out")
+    assert not (tmp_path / "out" / "a_reconstruction.png").exists()
+    res = reconstruct_files(tok, [str(tmp_path / "a.png")], tmp_path / "out")
+    assert list(res) == [str(tmp_path / "a.png")]
     pair = np.asarray(Image.open(res[str(tmp_path / "a.png")]["png"]))
     assert pair.shape == (32, 64, 3)  # input | reconstruction
     x = load_center_crop(tmp_path / "a.png", 32)[None]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -18,6 +19,8 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from vqim.errors import InputError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -79,13 +82,38 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         raise
 
 
+def json_safe(obj: Any) -> Any:
+    """obj with every non-finite float replaced by null, so that it is valid JSON (which has no NaN).
+
+    In a dict, a key whose value was NaN or ±inf also gets `<key>_not_finite` saying which ("nan", "inf",
+    "-inf"), so a reader sees why the value is missing.
+    """
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        out: dict[Any, Any] = {}
+        for k, v in obj.items():
+            out[k] = json_safe(v)
+            if isinstance(v, float) and not math.isfinite(v):
+                out[f"{k}_not_finite"] = str(v)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any, indent: int | None = 2) -> str:
+    """Strict JSON text of obj (non-finite floats become null, see `json_safe`), keys sorted."""
+    return json.dumps(json_safe(obj), indent=indent, sort_keys=True, allow_nan=False)
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write obj as indented JSON, atomically."""
+    """Write obj as indented, strict JSON (non-finite floats as null plus a reason), atomically."""
+    text = dumps(obj) + "\n"
 
     def _w(tmp: str) -> None:
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
+            f.write(text)
 
     atomic_write(path, _w)
 
@@ -96,8 +124,16 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
         raise FileNotFoundError(f"{what} not found: {path}")
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{what} {path} is not valid JSON: {e}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{what} {path} is not valid JSON: {e}") from e
+
+
+def read_json_object(path: str | os.PathLike, what: str = "file") -> dict[str, Any]:
+    """read_json, refusing anything but a JSON object."""
+    obj = read_json(path, what)
+    if not isinstance(obj, dict):
+        raise InputError(f"{what} {path} is not a JSON object (found a {type(obj).__name__})")
+    return obj
 
 
 def save_tensors(
@@ -109,13 +145,50 @@ def save_tensors(
 
 
 def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Load a safetensors file (never unpickles)."""
+    """Load a safetensors file (never unpickles); a damaged file is an `InputError` naming it."""
+    from safetensors import SafetensorError
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     dev = torch.device(device)
-    # safetensors accepts "cpu" but not "cpu:0" (what torch.device("cpu", 0) and Accelerate's CPU state print).
-    return load_file(str(path), device="cpu" if dev.type == "cpu" else str(dev))
+    try:
+        # safetensors accepts "cpu" but not "cpu:0" (what torch.device("cpu", 0) and Accelerate's CPU state print).
+        return load_file(str(path), device="cpu" if dev.type == "cpu" else str(dev))
+    except (SafetensorError, OSError, ValueError) as e:
+        size = path.stat().st_size
+        raise InputError(
+            f"{path} is not a readable safetensors file ({size} bytes; {e}): it is damaged or incomplete, "
+            f"write it again (save_pretrained) or copy it again"
+        ) from e
+
+
+def load_weights(path: str | os.PathLike, flag: str) -> dict[str, torch.Tensor]:
+    """A flat dict of tensors from a .safetensors file or a PyTorch .pth/.pt file of tensors only.
+
+    A .pth is read with `torch.load(weights_only=True)`: nothing in the file is executed. A file holding other
+    objects (a pickled model, an optimizer) or a damaged one is an `InputError` naming the flag and the file.
+    """
+    import pickle
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{flag} {path}: file not found")
+    if path.suffix == ".safetensors":
+        return load_tensors(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError) as e:
+        raise InputError(
+            f"{flag} {path}: not a file of tensors that can be read safely ({type(e).__name__}); vqim never "
+            f"runs code from a weight file: save the tensors alone (torch.save(model.state_dict(), F)) or as "
+            f".safetensors"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(
+            f"{flag} {path}: expected a dict of named tensors (a state dict), found {type(state).__name__}"
+        )
+    return state
 
 
 def save_model_dir(
@@ -140,10 +213,10 @@ def load_model_dir(
             f"{kind} directory not found: {directory} (expected a folder written by save_pretrained, "
             f"holding {CONFIG_NAME} and {WEIGHTS_NAME})"
         )
-    cfg = read_json(directory / CONFIG_NAME, what=f"{kind} config")
+    cfg = read_json_object(directory / CONFIG_NAME, what=f"{kind} config")
     found = cfg.get("vqim_type")
     if found != kind:
-        raise ValueError(f"{directory} holds a {found!r} checkpoint, not a {kind!r}")
+        raise InputError(f"{directory / CONFIG_NAME} describes a {found!r} checkpoint, not a {kind!r}")
     cfg = {k: v for k, v in cfg.items() if not k.startswith("vqim_")}
     return cfg, load_tensors(directory / WEIGHTS_NAME, device)
 
@@ -199,10 +272,45 @@ class PretrainedMixin:
         """
         device = resolve_device(device)
         cfg, state = load_model_dir(directory, cls.checkpoint_kind, device)
-        model = cls(cls.config_class.from_dict(cfg)).to(device)
+        model = cls.build_checked(cls.config_from_file(cfg, Path(directory) / CONFIG_NAME), state, directory)
+        model = model.to(device)
         model.load_state_dict(state)
         model.pretrained_dir = Path(directory)
         return model.eval()
+
+    @classmethod
+    def config_from_file(cls, d: dict[str, Any], path: Path) -> Any:
+        """The config dataclass from a config file's dict; a wrong key, type or value names the file."""
+        try:
+            return cls.config_class.from_dict(d)
+        except (TypeError, ValueError, AttributeError) as e:
+            raise InputError(f"{path}: {' '.join(str(e).split())}") from e
+
+    @classmethod
+    def build_checked(cls: type[M], config: Any, state: dict[str, torch.Tensor], directory: Any) -> M:
+        """The model of config, after checking on the meta device (no memory) that its parameters have the
+        names and shapes of the weights in state: a config that does not match its weights, or asks for an
+        absurd size, is refused before anything is allocated."""
+        with torch.device("meta"):
+            try:
+                shell = cls(config)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise InputError(f"{Path(directory) / CONFIG_NAME}: cannot build the model: {e}") from e
+        expected = {k: tuple(v.shape) for k, v in shell.state_dict().items()}
+        found = {k: tuple(v.shape) for k, v in state.items()}
+        problems = [f"{k} has shape {list(found[k])}, the config needs {list(s)}"
+                    for k, s in expected.items() if k in found and found[k] != s]  # fmt: skip
+        missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+        if missing:
+            problems.append(f"missing {', '.join(missing[:3])}{' …' if len(missing) > 3 else ''}")
+        if extra:
+            problems.append(f"unexpected {', '.join(extra[:3])}{' …' if len(extra) > 3 else ''}")
+        if problems:
+            raise InputError(
+                f"{Path(directory) / CONFIG_NAME} does not match the weights in {Path(directory) / WEIGHTS_NAME} "
+                f"({'; '.join(problems[:3])}): the two files belong to different models"
+            )
+        return cls(config)
 
     def fingerprint(self) -> str:
         """sha256 of the config and the weights (see `vqim.checkpoint.fingerprint`): what identifies a model.

@@ -11,16 +11,15 @@ type, default and help are declared once, beside the code that uses it:
     sample / complete vqim.samples.SampleConfig / CompleteConfig (sampling settings: vqim.config.SamplingConfig)
     ablate            vqim.ablate.AblationConfig          demo             vqim.demo.run_demo's parameters
 
-Bad input (a ValueError, including a tokenizer mismatch, or a FileNotFoundError) ends the command with one
-line `error: ...` on stderr and exit status 2; a training run stopped early (`TrainingStopped`) likewise, with
-status 1.
+Bad input (`vqim.errors.InputError` or any ValueError; a missing or unusable path: FileNotFoundError,
+PermissionError, IsADirectoryError, ...) ends the command with one line `error: ...` on stderr and exit status
+2; a training run stopped early (`TrainingStopped`) likewise, with status 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import shlex
 import sys
@@ -34,7 +33,9 @@ log = logging.getLogger("vqim")
 
 
 def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=True))
+    from vqim.checkpoint import dumps
+
+    print(dumps(obj))
 
 
 # Settings every trainer takes whose command-line form differs from the field: `--compile [MODE]`.
@@ -236,7 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     try:
         args.func(args)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError,
+            ValueError) as e:  # fmt: skip
         _fail(e, 2)
     except RuntimeError as e:
         from vqim.train.trainer import TrainingStopped

@@ -174,7 +174,9 @@ class ConditionImages(torch.utils.data.Dataset):
         try:
             path = self._condition_file(int(index))
             size = self.base.image_size
-            cond = to_tensor(_crop(np.asarray(resize_shorter(load_rgb(path), size)), size, None, flip=False))
+            cond = to_tensor(
+                _crop(np.asarray(resize_shorter(load_rgb(path, min_side=size), size)), size, None, flip=False)
+            )
         except Exception as e:  # noqa: BLE001 - a missing or corrupt condition file skips the pair
             return {"image": None, "condition": None, "label": -1, "skipped": [*item["skipped"], f"{e}"]}
         item["condition"] = cond

@@ -536,7 +536,7 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         from vqim.sampling import check_sampling_args
 
-        check_sampling_args(self.temperature, self.top_k, self.top_p)
+        check_sampling_args(self.temperature, self.top_k, self.top_p, self.cfg_scale)
 
     def kwargs(self) -> dict[str, Any]:
         """The settings as keyword arguments of `generate` / `generate_images`."""

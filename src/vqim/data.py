@@ -23,6 +23,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
+from vqim.errors import InputError
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -40,11 +42,85 @@ PHOTOS_EVAL = ("chelsea.png", "rocket.jpg", "camera.png")
 _MAX_SUBSTITUTIONS = 50
 
 
-def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open and fully decode an image file as RGB; raises on a corrupt or truncated file."""
-    with Image.open(path) as im:
-        im.load()  # decode now: truncated files fail here, not later
-        return im.convert("RGB")
+# Images with more pixels than this are refused (a decompression bomb, or a mistake): VQIM_MAX_PIXELS raises it.
+MAX_PIXELS = int(os.environ.get("VQIM_MAX_PIXELS", 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)))
+# Above this many pixels an image counts as large: decoded at reduced size where the caller needs only part of
+# its resolution (JPEG draft, integer box reduction), and announced once per file.
+LARGE_PIXELS = 4096 * 4096
+_announced: set[str] = set()
+
+
+def load_rgb(
+    path: str | os.PathLike, min_side: int | None = None, max_pixels: int | None = None
+) -> Image.Image:
+    """Open and fully decode an image file as 8-bit RGB; raises on a corrupt or truncated file.
+
+    16-bit images (PNG "I;16"/"I") are scaled to 8 bits (65535 → 255), not clipped; float images ("F") must lie
+    in [0, 1]. An image above `max_pixels` (default `MAX_PIXELS`, env VQIM_MAX_PIXELS) is refused. With
+    `min_side`, a large image (over `LARGE_PIXELS`) is decoded and box-reduced to no less than min_side on
+    its shorter side, which is all a caller that resizes to min_side uses (JPEG: decoded at reduced scale).
+    """
+    import warnings
+
+    limit = MAX_PIXELS if max_pixels is None else max_pixels
+    name = str(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # vqim applies its own limit
+        try:
+            im = Image.open(path)
+        except Image.DecompressionBombError as e:
+            if limit <= 2 * (Image.MAX_IMAGE_PIXELS or 0):
+                raise InputError(f"{name}: {e} (set VQIM_MAX_PIXELS to allow larger images)") from e
+            pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # vqim's own limit is higher
+            try:
+                im = Image.open(path)
+            finally:
+                Image.MAX_IMAGE_PIXELS = pil_limit
+        with im:
+            w, h = im.size
+            if w * h > limit:
+                raise InputError(
+                    f"{name}: {w}×{h} = {w * h} pixels exceeds the limit of {limit} (set VQIM_MAX_PIXELS to "
+                    f"allow larger images)"
+                )
+            large = w * h > LARGE_PIXELS
+            if large and name not in _announced:
+                _announced.add(name)
+                log.info(
+                    "large image %s (%d×%d)%s", name, w, h, " decoded at reduced size" if min_side else ""
+                )
+            if large and min_side and im.format == "JPEG":
+                s = min_side / min(w, h)
+                im.draft("RGB", (max(1, int(w * s + 1)), max(1, int(h * s + 1))))
+            im.load()  # decode now: truncated files fail here, not later
+            if large and min_side and min(im.size) >= 2 * min_side:
+                im = im.reduce(min(im.size) // min_side)
+            rgb = _to_rgb(im, name)
+            rgb.info["vqim_large"] = large  # the file was large (callers may keep its resized pixels)
+            return rgb
+
+
+def _to_rgb(im: Image.Image, name: str) -> Image.Image:
+    """8-bit RGB from any PIL mode, scaling high-bit-depth and float images instead of clipping them."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(im)
+        if not np.all(np.isfinite(arr)):
+            raise InputError(f"{name}: the image holds NaN or infinite values")
+        lo, hi = float(arr.min()), float(arr.max())
+        if im.mode == "F":
+            if lo < 0 or hi > 1:
+                raise InputError(
+                    f"{name}: a float image must lie in [0, 1], found values in [{lo:g}, {hi:g}]"
+                )
+            arr8 = np.round(arr * 255)
+        else:
+            if lo < 0 or hi > 65535:
+                raise InputError(
+                    f"{name}: a 32-bit integer image must lie in [0, 65535], found [{lo:g}, {hi:g}]"
+                )
+            arr8 = np.round(arr.astype(np.float64) / 257)
+        return Image.fromarray(arr8.astype(np.uint8), "L").convert("RGB")
+    return im.convert("RGB")
 
 
 def resize_shorter(im: Image.Image, size: int) -> Image.Image:
@@ -137,6 +213,7 @@ class ImageFolderDataset(_Base):
     ) -> None:
         super().__init__(image_size, train, seed, augment)
         self.root = Path(root)
+        self._resized: dict[int, np.ndarray] = {}
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.root}")
         self.files = sorted(
@@ -186,7 +263,7 @@ class ImageFolderDataset(_Base):
     def _check_readable(self) -> None:
         for p in self.files:
             try:
-                load_rgb(p)
+                load_rgb(p, min_side=self.image_size)
                 return
             except Exception as e:  # noqa: BLE001
                 log.warning("skipping unreadable image %s (%s: %s)", p, type(e).__name__, e)
@@ -201,8 +278,15 @@ class ImageFolderDataset(_Base):
         return str(self.files[index])
 
     def _load(self, index: int, rng: np.random.Generator | None) -> tuple[np.ndarray, int]:
-        im = resize_shorter(load_rgb(self.files[index]), self.image_size)
-        return _crop(np.asarray(im), self.image_size, rng, flip=True), self.labels[index]
+        arr = self._resized.get(index)
+        if arr is None:
+            im = load_rgb(self.files[index], min_side=self.image_size)
+            arr = np.asarray(resize_shorter(im, self.image_size))
+            if im.info.get(
+                "vqim_large"
+            ):  # a large file is decoded once per process: its resized pixels are kept
+                self._resized[index] = arr
+        return _crop(arr, self.image_size, rng, flip=True), self.labels[index]
 
 
 class ArrayDataset(_Base):
@@ -237,9 +321,19 @@ class ArrayDataset(_Base):
         else:
             images = data
         self.images = _to_uint8_hwc(images, str(self.path))
+        if labels is not None:
+            if (
+                labels.ndim != 1
+                or not np.issubdtype(labels.dtype, np.integer)
+                or (labels.size and labels.min() < 0)
+            ):
+                raise InputError(
+                    f"{self.path}: 'labels' must be one non-negative integer per image, found {labels.dtype} "
+                    f"{tuple(labels.shape)}" + (f" with minimum {labels.min()}" if labels.size else "")
+                )
         self.labels = [-1] * len(self.images) if labels is None else [int(v) for v in labels]
         if len(self.labels) != len(self.images):
-            raise ValueError(f"{self.path}: {len(self.labels)} labels for {len(self.images)} images")
+            raise InputError(f"{self.path}: {len(self.labels)} labels for {len(self.images)} images")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -261,12 +355,34 @@ def _to_uint8_hwc(images: np.ndarray, name: str) -> np.ndarray:
     if images.shape[-1] != 3:
         raise ValueError(f"{name}: expected 3 colour channels, got shape {images.shape}")
     if len(images) == 0:
-        raise ValueError(f"{name}: the array holds no images")
+        raise InputError(f"{name}: the array holds no images")
     if images.dtype != np.uint8:
-        if not np.issubdtype(images.dtype, np.floating):
-            raise ValueError(f"{name}: expected uint8 or float images, got dtype {images.dtype}")
-        images = (np.clip(images, 0, 1) * 255 + 0.5).astype(np.uint8)
+        images = _array_to_uint8(images, name)
     return np.ascontiguousarray(images)
+
+
+def _array_to_uint8(images: np.ndarray, name: str) -> np.ndarray:
+    """uint8 images from float images in [0, 1] or integer images in [0, 255]; anything else is refused."""
+    if np.issubdtype(images.dtype, np.floating):
+        finite = np.isfinite(images)
+        if not finite.all():
+            raise InputError(f"{name}: the images hold {int((~finite).sum())} NaN or infinite values")
+        lo, hi = float(images.min()), float(images.max())
+        if lo < 0 or hi > 1:
+            hint = " (divide 0..255 images by 255, or save them as uint8)" if hi <= 255 and lo >= 0 else ""
+            raise InputError(
+                f"{name}: float images must lie in [0, 1], found values in [{lo:g}, {hi:g}]{hint}"
+            )
+        return (images * 255 + 0.5).astype(np.uint8)
+    if np.issubdtype(images.dtype, np.integer) and not np.issubdtype(images.dtype, np.bool_):
+        lo, hi = int(images.min()), int(images.max())
+        if lo < 0 or hi > 255:
+            hint = " (16-bit images: divide by 257)" if hi <= 65535 and lo >= 0 else ""
+            raise InputError(
+                f"{name}: integer images must lie in [0, 255], found values in [{lo}, {hi}] ({images.dtype}){hint}"
+            )
+        return images.astype(np.uint8)
+    raise InputError(f"{name}: expected uint8, integer or float images, got dtype {images.dtype}")
 
 
 def photos_dir() -> Path:

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from vqim import losses
 from vqim.checkpoint import atomic_write, resolve_device, write_json
 from vqim.config import SamplingConfig
+from vqim.errors import InputError, check_output, check_settings, output_dir
 from vqim.metrics import CodebookStats, psnr, ssim
 from vqim.options import option
 from vqim.tokenizer import Tokenizer
@@ -300,6 +301,10 @@ class ReconstructConfig:
     size: int | None = None
     device: str = "auto"
 
+    def __post_init__(self) -> None:
+        check_output(self.out)
+        check_settings(self, positive=("size",))
+
 
 def load_center_crop(path: str | os.PathLike, size: int) -> torch.Tensor:
     """An image file as (3, size, size) in [0, 1]: shorter side resized to size (bicubic), central square crop.
@@ -313,7 +318,9 @@ def load_center_crop(path: str | os.PathLike, size: int) -> torch.Tensor:
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"image not found: {path}")
-    return to_tensor(_crop(np.asarray(resize_shorter(load_rgb(path), size)), size, None, False))
+    return to_tensor(
+        _crop(np.asarray(resize_shorter(load_rgb(path, min_side=size), size)), size, None, False)
+    )
 
 
 @torch.no_grad()
@@ -322,7 +329,8 @@ def reconstruct_files(
 ) -> dict[str, dict[str, Any]]:
     """Reconstruct image files; write NAME_reconstruction.png (input | reconstruction) per file under out.
 
-    Unreadable files are skipped with a warning; a missing one is an error.
+    A missing or unreadable file is an error naming it (the user named each file), raised before anything
+    is written.
 
     Args:
         tok: the tokenizer (eval mode); images go to its device.
@@ -337,17 +345,18 @@ def reconstruct_files(
 
     size = size or tok.config.image_size
     device = next(tok.parameters()).device
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    result: dict[str, dict[str, Any]] = {}
+    images = []
     for path in paths:
         try:
-            x = load_center_crop(path, size)[None].to(device)
-        except FileNotFoundError:
+            images.append(load_center_crop(path, size)[None])
+        except (FileNotFoundError, InputError):
             raise
-        except Exception as e:  # noqa: BLE001 - any decoding error: skip the file, say so
-            log.warning("skipping unreadable image %s (%s)", path, e)
-            continue
+        except Exception as e:  # noqa: BLE001 - any decoding error: a file the user named cannot be used
+            raise InputError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+    out = output_dir(out)
+    result: dict[str, dict[str, Any]] = {}
+    for path, x in zip(paths, images, strict=True):
+        x = x.to(device)
         rec = tok.decode(tok.encode(x))
         png = out / f"{Path(path).stem}_reconstruction.png"
         pair = torch.cat([x, rec], dim=3)[0].cpu()
@@ -396,6 +405,10 @@ class EvalTokenizerConfig:
     lpips_weights: str | None = None
     inception_weights: str | None = None
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_output(self.out)
+        check_settings(self, positive=("batch_size", "image_size"), non_negative=("num_workers",))
 
 
 def run_eval_tokenizer(cfg: EvalTokenizerConfig) -> dict[str, Any] | None:
@@ -454,6 +467,9 @@ class EvalPriorConfig:
     samples_per_class: int = 20
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_settings(self, positive=("batch_size", "samples_per_class"), non_negative=("val_every",))
 
 
 def evaluate_prior(cfg: EvalPriorConfig) -> dict[str, Any]:
@@ -517,6 +533,9 @@ class ProbeConfig:
     baselines: tuple[Literal["encoder", "pixels"], ...] = option((), nargs="*")
     seed: int = 0
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_output(self.out)
 
 
 def linear_probe(cfg: ProbeConfig) -> dict[str, Any]:

@@ -31,12 +31,10 @@ def default_inception_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
 
 
-def _read_state(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+def _read_state(path: Path, flag: str = "--inception-weights") -> dict[str, torch.Tensor]:
+    from vqim.checkpoint import load_weights
 
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)  # tensors only: never unpickles objects
+    return load_weights(path, flag)  # tensors only: never unpickles objects
 
 
 def load_inception(

@@ -28,12 +28,10 @@ _CHANNELS = (64, 128, 256, 512, 512)
 _VGG_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
 
 
-def _load_state(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+def _load_state(path: Path, flag: str) -> dict[str, torch.Tensor]:
+    from vqim.checkpoint import load_weights
 
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)  # tensors only: never unpickles objects
+    return load_weights(path, flag)  # tensors only: never unpickles objects
 
 
 def default_vgg_path() -> Path:
@@ -96,7 +94,7 @@ class LPIPS(nn.Module):
                 f"Download {VGG16_URL} (or run torchvision.models.vgg16(weights='IMAGENET1K_V1') once with internet) "
                 "and pass it with --vgg-weights PATH.",
             )
-        state = _load_state(vgg)
+        state = _load_state(vgg, "--vgg-weights")
         feats = {k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")}
         wanted = {k for k in self.features.state_dict()}
         if not wanted <= set(feats):
@@ -111,7 +109,7 @@ class LPIPS(nn.Module):
                 lin,
                 "Install the `lpips` package (pip install lpips), which ships them, or pass their path.",
             )
-        lstate = _load_state(lin)
+        lstate = _load_state(lin, "--lpips-weights")
         for i, conv in enumerate(self.lins):
             key = f"lin{i}.model.1.weight"
             if key not in lstate:

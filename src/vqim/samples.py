@@ -24,6 +24,7 @@ import torch
 
 from vqim.checkpoint import atomic_write, resolve_device
 from vqim.config import SamplingConfig
+from vqim.errors import check_output, check_settings
 from vqim.options import option
 
 
@@ -122,6 +123,10 @@ class SampleConfig:
     condition_given: bool = option(False, negatable=False)
     grid: str | None = option(None, metavar="HxW")
     image_size: str | None = option(None, metavar="HxW")
+
+    def __post_init__(self) -> None:
+        check_output(self.out)
+        check_settings(self, positive=("n",))
 
 
 def canvas_grid(cfg_grid: str | None, cfg_image_size: str | None, prior: Any, tok: Any) -> tuple[int, int]:
@@ -297,6 +302,10 @@ class CompleteConfig:
     n: int = 4
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_output(self.out)
+        check_settings(self, positive=("n",))
 
 
 def mask_from_image(path: str | Path, grid: tuple[int, int]) -> torch.Tensor:

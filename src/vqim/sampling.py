@@ -18,24 +18,34 @@ conditional sampling and runs only the n conditional rows.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+
+from vqim.errors import InputError
 
 if TYPE_CHECKING:
     from vqim.prior import LabelsLike, Prior
     from vqim.tokenizer import Tokenizer
 
 
-def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """Raise ValueError for a negative temperature, top_k < 1 or top_p outside (0, 1]."""
-    if not temperature >= 0.0:  # also rejects NaN
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+def check_sampling_args(
+    temperature: float, top_k: int | None, top_p: float | None, cfg_scale: float = 1.0
+) -> None:
+    """Raise InputError for a negative temperature, top_k < 1, top_p outside (0, 1] or a non-finite cfg_scale
+    (each message names the argument and its command-line flag)."""
+    if not temperature >= 0.0 or math.isinf(temperature):  # also rejects NaN
+        raise InputError(
+            f"temperature (--temperature) must be a finite number >= 0 (0 = greedy), got {temperature}"
+        )
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+        raise InputError(f"top_k (--top-k) must be None or an int >= 1, got {top_k!r}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be None or in (0, 1], got {top_p}")
+        raise InputError(f"top_p (--top-p) must be None or in (0, 1], got {top_p}")
+    if not math.isfinite(cfg_scale):
+        raise InputError(f"cfg_scale (--cfg-scale) must be a finite number, got {cfg_scale}")
 
 
 def sample_logits(
@@ -284,7 +294,7 @@ def _sample(
     cfg = prior.config
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
-    check_sampling_args(temperature, top_k, top_p)
+    check_sampling_args(temperature, top_k, top_p, cfg_scale)
     h, w = cfg.grid_size
     canvas = _check_grid(prior, grid)
     hh, ww = canvas

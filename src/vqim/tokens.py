@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vqim.checkpoint import atomic_write, read_json, resolve_device, write_json
+from vqim.checkpoint import atomic_write, read_json, read_json_object, resolve_device, write_json
+from vqim.errors import InputError, check_output, check_settings
 from vqim.options import option
 from vqim.tokenizer import Tokenizer
 
@@ -255,12 +256,65 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"token folder not found: {directory} (write one with `vqim encode`)")
-    m = read_json(directory / MANIFEST, what="token manifest")
+    path = directory / MANIFEST
+    m = read_json_object(path, what="token manifest")
     if m.get("format") != "vqim-tokens/1":
-        raise ValueError(
-            f"{directory / MANIFEST}: unknown format {m.get('format')!r}; expected 'vqim-tokens/1'"
-        )
+        raise InputError(f"{path}: unknown format {m.get('format')!r}; expected 'vqim-tokens/1'")
+    missing = [k for k in ("grid_size", "codebook_size", "shards") if k not in m]
+    if missing:
+        raise InputError(f"{path} lacks {', '.join(missing)}: write the folder again with `vqim encode`")
+    grid, codes, shards = m["grid_size"], m["codebook_size"], m["shards"]
+    if not (isinstance(grid, list) and len(grid) == 2 and all(isinstance(g, int) and g > 0 for g in grid)):
+        raise InputError(f"{path}: grid_size must be two positive ints, got {grid!r}")
+    if not (isinstance(codes, int) and codes > 0):
+        raise InputError(f"{path}: codebook_size must be a positive int, got {codes!r}")
+    if not isinstance(shards, list) or not all(
+        isinstance(sh, dict) and isinstance(sh.get("tokens"), str) and isinstance(sh.get("count"), int)
+        for sh in shards
+    ):
+        raise InputError(f"{path}: shards must be a list of objects with a tokens path and a count")
     return m
+
+
+def shard_file(directory: Path, rel: Any, what: str) -> Path:
+    """The file a manifest names, refused unless it is a relative path inside the token folder."""
+    where = directory / MANIFEST
+    if not isinstance(rel, str) or not rel:
+        raise InputError(f"{where}: a shard lacks its {what} file")
+    p = Path(rel)
+    inside = not p.is_absolute() and ".." not in p.parts
+    full = directory / p
+    if inside:
+        try:
+            full.resolve().relative_to(directory.resolve())
+        except ValueError:
+            inside = False
+    if not inside:
+        raise InputError(
+            f"{where}: the {what} file {rel!r} lies outside the token folder; shard paths must be relative "
+            f"paths inside {directory}"
+        )
+    if not full.is_file():
+        raise FileNotFoundError(f"{what} shard listed in the manifest is missing: {full}")
+    return full
+
+
+def _load_ids(path: Path, what: str, low: int, high: int | None, ndim: int) -> np.ndarray:
+    """A shard memory-mapped, refused (naming it) unless it holds integers of ndim dims in [low, high)."""
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise InputError(f"{path} is not a readable .npy {what} file ({e}): write the folder again") from e
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise InputError(f"{path}: {what} must be integers, found {arr.dtype}")
+    if arr.ndim != ndim:
+        raise InputError(f"{path}: {what} must have {ndim} dimensions, found shape {tuple(arr.shape)}")
+    if arr.size:
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < low or (high is not None and hi >= high):
+            bound = f"[{low}, {high})" if high is not None else f">= {low}"
+            raise InputError(f"{path}: {what} must lie in {bound}, found values in [{lo}, {hi}]")
+    return arr
 
 
 class TokenDataset(Dataset):
@@ -291,30 +345,33 @@ class TokenDataset(Dataset):
         self.condition: dict[str, Any] | None = self.manifest.get("condition")
         self.cond_grid_size = None if self.condition is None else tuple(self.condition["grid_size"])
         self._tokens, self._labels, self._conds, starts = [], [], [], [0]
+        # Every shard is checked whole here (dtype, shape, id range, labels), so a bad value names its file
+        # at load time instead of failing in some later batch.
+        n_classes = len(self.class_names) if self.class_names else None
+        cond_codes = None if self.condition is None else int(self.condition["codebook_size"])
         for shard in self.manifest["shards"]:
-            path = self.directory / shard["tokens"]
-            if not path.is_file():
-                raise FileNotFoundError(f"token shard listed in the manifest is missing: {path}")
-            arr = np.load(path, mmap_mode="r", allow_pickle=False)
-            if arr.ndim != 3 or tuple(arr.shape[1:]) != self.grid_size or arr.shape[0] != shard["count"]:
-                raise ValueError(f"{path}: shape {arr.shape} disagrees with the manifest")
+            path = shard_file(self.directory, shard["tokens"], "token")
+            arr = _load_ids(path, "token ids", 0, self.codebook_size, 3)
+            if tuple(arr.shape[1:]) != self.grid_size or arr.shape[0] != shard["count"]:
+                raise InputError(
+                    f"{path}: shape {tuple(arr.shape)} disagrees with the manifest ({shard['count']} sequences "
+                    f"of {self.grid_size})"
+                )
             self._tokens.append(arr)
-            self._labels.append(
-                np.load(self.directory / shard["labels"], mmap_mode="r", allow_pickle=False)
-                if self.has_labels
-                else None
-            )
+            labels = None
+            if self.has_labels:
+                lpath = shard_file(self.directory, shard.get("labels"), "label")
+                labels = _load_ids(lpath, "labels", 0, n_classes, 1)
+                if labels.shape[0] != arr.shape[0]:
+                    raise InputError(
+                        f"{lpath}: {labels.shape[0]} labels for the {arr.shape[0]} sequences of {path}"
+                    )
+            self._labels.append(labels)
             if self.condition is not None:
-                cpath = self.directory / shard.get("condition", "")
-                if not shard.get("condition") or not cpath.is_file():
-                    raise FileNotFoundError(f"condition shard listed in the manifest is missing: {cpath}")
-                carr = np.load(cpath, mmap_mode="r", allow_pickle=False)
-                if (
-                    carr.ndim != 3
-                    or tuple(carr.shape[1:]) != self.cond_grid_size
-                    or carr.shape[0] != arr.shape[0]
-                ):
-                    raise ValueError(f"{cpath}: shape {carr.shape} disagrees with the manifest")
+                cpath = shard_file(self.directory, shard.get("condition"), "condition")
+                carr = _load_ids(cpath, "condition token ids", 0, cond_codes, 3)
+                if tuple(carr.shape[1:]) != self.cond_grid_size or carr.shape[0] != arr.shape[0]:
+                    raise InputError(f"{cpath}: shape {tuple(carr.shape)} disagrees with the manifest")
                 self._conds.append(carr)
             starts.append(starts[-1] + arr.shape[0])
         self._starts = np.array(starts)
@@ -452,6 +509,12 @@ class EncodeConfig:
     condition: str | None = None
     condition_tokenizer: str | None = None
 
+    def __post_init__(self) -> None:
+        check_output(self.out)
+        check_settings(
+            self, positive=("batch_size", "shard_size", "image_size"), non_negative=("num_workers",)
+        )
+
 
 def encode_to_folder(cfg: EncodeConfig) -> dict[str, Any]:
     """Encode cfg.data (centre crops, no augmentation) with the tokenizer in cfg.tokenizer; returns the manifest."""
@@ -488,6 +551,10 @@ class DecodeConfig:
     out: str
     batch_size: int = 64
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_output(self.out)
+        check_settings(self, positive=("batch_size",))
 
 
 @torch.no_grad()

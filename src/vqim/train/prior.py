@@ -22,10 +22,11 @@ from torch.utils.data import DataLoader
 
 from vqim.checkpoint import write_json
 from vqim.data import StepSampler
+from vqim.errors import check_settings
 from vqim.options import option
 from vqim.prior import Prior, bits_per_token, nats_to_bits
 from vqim.tokens import TokenDataset, collate_tokens
-from vqim.train.trainer import StepOutput, TrainConfig, Trainer, check_settings
+from vqim.train.trainer import StepOutput, TrainConfig, Trainer
 
 log = logging.getLogger(__name__)
 

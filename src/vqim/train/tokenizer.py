@@ -26,12 +26,13 @@ from torch.utils.data import DataLoader
 
 from vqim.checkpoint import atomic_write
 from vqim.data import StepSampler, build_dataset, collate
+from vqim.errors import check_settings
 from vqim.metrics import psnr
 from vqim.options import option
 from vqim.tokenizer import Tokenizer
 from vqim.train import state as st
 from vqim.train.gan import DISCRIMINATORS, GAN
-from vqim.train.trainer import StepOutput, TrainConfig, Trainer, check_settings
+from vqim.train.trainer import StepOutput, TrainConfig, Trainer
 
 log = logging.getLogger(__name__)
 

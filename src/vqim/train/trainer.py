@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from vqim.checkpoint import read_json, write_json
-from vqim.errors import InputError
+from vqim.errors import InputError, check_settings
 from vqim.options import option
 from vqim.train import rundir
 from vqim.train import state as st
@@ -126,23 +126,6 @@ class TrainConfig:
 
 # torch.compile's modes (torch._inductor.list_mode_options(), and "default").
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
-def check_settings(
-    cfg: Any,
-    positive: tuple[str, ...] = (),
-    non_negative: tuple[str, ...] = (),
-    unit: tuple[str, ...] = (),
-) -> None:
-    """Refuse settings outside their range (None: not given, allowed) with the flag named: `positive` > 0,
-    `non_negative` >= 0, `unit` in [0, 1]. NaN is outside every range."""
-    rules = [(positive, lambda v: v > 0, "a positive number"), (non_negative, lambda v: v >= 0, ">= 0"),
-             (unit, lambda v: 0 <= v <= 1, "in [0, 1]")]  # fmt: skip
-    for names, ok, what in rules:
-        for name in names:
-            v = getattr(cfg, name)
-            if v is not None and not ok(v):
-                raise InputError(f"--{name.replace('_', '-')} must be {what}, got {v}")
 
 
 @dataclass
