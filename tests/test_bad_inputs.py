@@ -548,3 +548,26 @@ def test_a_16_bit_png_is_not_an_error(art, tmp_path, capsys):
     assert o.exc is None and o.code is None, (o.exc and _describe(o.exc), o.code, o.err[-300:])
     res = json.loads(o.out)
     assert str(art.png16) in res and Path(res[str(art.png16)]["png"]).is_file()
+
+
+def test_the_python_api_raises_input_error_with_the_cli_message(art, tmp_path, capsys):
+    """The same checks serve the library: an `InputError` (a ValueError) whose message the CLI prints."""
+    from vqim import InputError
+    from vqim.tokens import TokenDataset
+
+    loads = [(Tokenizer.from_pretrained, art.bad_tok[k]) for k in MODEL_KINDS if k != "config_invalid_json"]
+    loads += [(Prior.from_pretrained, art.bad_prior[k]) for k in MODEL_KINDS if k != "config_invalid_json"]
+    loads += [
+        (TokenDataset, art.bad_tokens[k]) for k in ("manifest_json_list", "tokens_float", "labels_negative")
+    ]
+    for load, path in loads:
+        with pytest.raises(InputError) as e:
+            load(path)
+        message = " ".join(str(e.value).split())
+        command = ["eval-prior", "--prior", str(art.prior), "--tokens", str(path), *CPU]
+        if load == Tokenizer.from_pretrained:
+            command = TOK_COMMANDS["decode"](art, tmp_path / "d", path)
+        elif load == Prior.from_pretrained:
+            command = ["eval-prior", "--prior", str(path), "--tokens", str(art.tokens), *CPU]
+        o = _run(command, capsys)
+        assert o.err.strip() == f"error: {message}", (path, o.err)

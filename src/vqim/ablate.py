@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 from vqim.checkpoint import atomic_write, read_json, resolve_device, write_json
 from vqim.config import parse_overrides, tokenizer_presets
+from vqim.errors import InputError
 from vqim.options import option
 
 log = logging.getLogger(__name__)
@@ -192,7 +193,7 @@ def run_variant(cfg: AblationConfig, v: Variant) -> dict[str, Any]:
     )
     settings_file = vdir / "variant_settings.json"
     if settings_file.is_file() and read_json(settings_file) != settings:
-        raise ValueError(
+        raise InputError(
             f"{vdir} was trained with other settings than this study's ({settings_file}); use a new --out, or "
             "delete that variant's folder to retrain it"
         )
@@ -396,7 +397,7 @@ def run_ablation(
     if cfg.only:
         bad = sorted(set(cfg.only) - known)
         if bad:
-            raise ValueError(f"unknown ablation variants {bad}; choose from {sorted(known)}")
+            raise InputError(f"unknown ablation variants {bad}; choose from {sorted(known)}")
         grid = [v for v in grid if v.name in set(cfg.only)]
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

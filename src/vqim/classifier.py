@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from vqim.errors import InputError
+
 if TYPE_CHECKING:
     from vqim.config import SamplingConfig
     from vqim.prior import Prior
@@ -100,7 +102,7 @@ def sample_accuracy(
     from vqim.sampling import generate_images
 
     if prior.config.num_classes == 0:
-        raise ValueError("sample accuracy needs a class-conditional prior")
+        raise InputError("sample accuracy needs a class-conditional prior")
     sampling = sampling or SamplingConfig()
     device = next(prior.parameters()).device
     labels = torch.arange(prior.config.num_classes, device=device).repeat_interleave(samples_per_class)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from vqim.data import IMAGE_EXTENSIONS, ImageFolderDataset, _crop, load_rgb, resize_shorter, to_tensor
+from vqim.errors import InputError
 
 BUILTIN_CONDITIONS = ("lowres:F", "edges", "edges:SIGMA")
 
@@ -63,12 +64,12 @@ class Condition:
     def derive(self, images: torch.Tensor) -> torch.Tensor:
         """Condition images (B, 3, H, W) in [0, 1] for images (B, 3, H, W) in [0, 1] (built-in conditions)."""
         if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
+            raise InputError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}")
         if self.kind == "lowres":
             f = self.factor
             h, w = images.shape[2:]
             if h % f or w % f:
-                raise ValueError(f"lowres:{f} needs an image size divisible by {f}, got {h}×{w}")
+                raise InputError(f"lowres:{f} needs an image size divisible by {f}, got {h}×{w}")
             return upsample(F.avg_pool2d(images.float(), f), f)
         if self.kind == "edges":
             from skimage.feature import canny
@@ -76,7 +77,7 @@ class Condition:
             gray = (0.299 * images[:, 0] + 0.587 * images[:, 1] + 0.114 * images[:, 2]).float().cpu().numpy()
             edges = np.stack([canny(g, sigma=self.sigma) for g in gray]).astype(np.float32)
             return torch.from_numpy(edges)[:, None].expand(-1, 3, -1, -1).contiguous().to(images.device)
-        raise ValueError(f"the condition {self.spec} is read from files, not derived from the image")
+        raise InputError(f"the condition {self.spec} is read from files, not derived from the image")
 
     def from_input(self, images: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
         """Condition images for user input: a low-resolution image (H/F, W/F) is enlarged by F (super-resolving
@@ -85,7 +86,7 @@ class Condition:
             f = self.factor
             small = (image_size[0] // f, image_size[1] // f)
             if tuple(images.shape[2:]) != small:
-                raise ValueError(
+                raise InputError(
                     f"a lowres:{f} condition is an image of {small[0]}×{small[1]} (enlarged ×{f}) or of the full "
                     f"{image_size[0]}×{image_size[1]} (downsampled first), got {images.shape[2]}×{images.shape[3]}"
                 )
@@ -101,11 +102,11 @@ def upsample(images: torch.Tensor, factor: int) -> torch.Tensor:
 def parse_condition(spec: str) -> Condition:
     """A `Condition` from a spec: lowres:F, edges, edges:SIGMA, or a folder of condition images."""
     if not isinstance(spec, str) or not spec:
-        raise ValueError(f"a condition spec must be a non-empty string, got {spec!r}")
+        raise InputError(f"a condition spec must be a non-empty string, got {spec!r}")
     if spec.startswith("lowres"):
         _, _, f = spec.partition(":")
         if not f.isdigit() or int(f) < 2:
-            raise ValueError(
+            raise InputError(
                 f"condition {spec!r}: write lowres:F with an integer factor F >= 2, e.g. lowres:4"
             )
         return Condition("lowres", factor=int(f))
@@ -116,12 +117,12 @@ def parse_condition(spec: str) -> Condition:
         except ValueError:
             sigma = -1.0
         if not sigma > 0:
-            raise ValueError(f"condition {spec!r}: write edges or edges:SIGMA with a smoothing SIGMA > 0")
+            raise InputError(f"condition {spec!r}: write edges or edges:SIGMA with a smoothing SIGMA > 0")
         return Condition("edges", sigma=sigma)
     path = Path(spec)
     if path.is_dir():
         return Condition("folder", folder=path.resolve())
-    raise ValueError(
+    raise InputError(
         f"condition {spec!r} is neither a built-in condition ({', '.join(BUILTIN_CONDITIONS)}) nor a folder of "
         "condition images"
     )
@@ -145,9 +146,9 @@ class ConditionImages(torch.utils.data.Dataset):
         self.labels = getattr(base, "labels", [])
         if not condition.derived:
             if not isinstance(base, ImageFolderDataset):
-                raise ValueError("a folder of condition images pairs with a folder of images (--data DIR)")
+                raise InputError("a folder of condition images pairs with a folder of images (--data DIR)")
             if base.augment:
-                raise ValueError("a folder of condition images needs deterministic crops (no augmentation)")
+                raise InputError("a folder of condition images needs deterministic crops (no augmentation)")
 
     def __len__(self) -> int:
         return len(self.base)
@@ -194,7 +195,7 @@ class DerivedImages(torch.utils.data.Dataset):
 
     def __init__(self, base: torch.utils.data.Dataset, condition: Condition) -> None:
         if not condition.derived:
-            raise ValueError(
+            raise InputError(
                 f"a condition tokenizer for the folder {condition.folder} trains on that folder: pass it as --data"
             )
         self.base, self.condition = base, condition

@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from vqim.errors import InputError
+
 
 @dataclass(frozen=True)
 class TokenizerConfig:
@@ -87,37 +89,37 @@ class TokenizerConfig:
 
     def __post_init__(self) -> None:
         if self.arch not in ("vit", "cnn"):
-            raise ValueError(f"arch must be 'vit' or 'cnn', got {self.arch!r}")
+            raise InputError(f"arch must be 'vit' or 'cnn', got {self.arch!r}")
         if self.arch == "cnn":
             f = 2 ** (len(self.cnn_ch_mult) - 1)
             if self.patch_size != f:
-                raise ValueError(
+                raise InputError(
                     f"a CNN tokenizer downsamples by 2^(levels-1) = {f}; set patch_size={f} "
                     f"(got {self.patch_size}) or change cnn_ch_mult"
                 )
             if self.enc_dim != self.dec_dim:
-                raise ValueError("a CNN tokenizer uses one latent width: enc_dim must equal dec_dim")
+                raise InputError("a CNN tokenizer uses one latent width: enc_dim must equal dec_dim")
         if self.image_size <= 0 or self.patch_size <= 0:
-            raise ValueError("image_size and patch_size must be positive")
+            raise InputError("image_size and patch_size must be positive")
         if self.image_size % self.patch_size:
-            raise ValueError(
+            raise InputError(
                 f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}; "
                 "choose an image size that is a multiple of the patch size"
             )
         for prefix in ("enc", "dec"):
             dim, heads = getattr(self, f"{prefix}_dim"), getattr(self, f"{prefix}_heads")
             if dim % heads:
-                raise ValueError(f"{prefix}_dim {dim} is not divisible by {prefix}_heads {heads}")
+                raise InputError(f"{prefix}_dim {dim} is not divisible by {prefix}_heads {heads}")
         if self.lookup_dim <= 0:
-            raise ValueError(f"lookup_dim must be positive, got {self.lookup_dim}")
+            raise InputError(f"lookup_dim must be positive, got {self.lookup_dim}")
         if self.codebook_size < 2:
-            raise ValueError("codebook_size must be at least 2")
+            raise InputError("codebook_size must be at least 2")
         if self.codebook_init not in ("normal", "data"):
-            raise ValueError(f"codebook_init must be 'normal' or 'data', got {self.codebook_init!r}")
+            raise InputError(f"codebook_init must be 'normal' or 'data', got {self.codebook_init!r}")
         if self.pos_embed not in ("learned", "sincos"):
-            raise ValueError(f"pos_embed must be 'learned' or 'sincos', got {self.pos_embed!r}")
+            raise InputError(f"pos_embed must be 'learned' or 'sincos', got {self.pos_embed!r}")
         if self.dead_code_window < 0:
-            raise ValueError("dead_code_window must be >= 0 (0 disables restarts)")
+            raise InputError("dead_code_window must be >= 0 (0 disables restarts)")
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -141,7 +143,7 @@ class TokenizerConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown tokenizer config keys {unknown}; known keys: {sorted(known)}")
+            raise InputError(f"unknown tokenizer config keys {unknown}; known keys: {sorted(known)}")
         d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}  # JSON lists → tuples
         return cls(**d)
 
@@ -263,14 +265,14 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"expected KEY=VALUE, got {item!r}")
+            raise InputError(f"expected KEY=VALUE, got {item!r}")
         if key not in defaults:
-            raise ValueError(f"unknown tokenizer config field {key!r}; known fields: {sorted(defaults)}")
+            raise InputError(f"unknown tokenizer config field {key!r}; known fields: {sorted(defaults)}")
         d = defaults[key]
         try:
             if isinstance(d, bool):
                 if value.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError(value)
+                    raise InputError(value)
                 out[key] = value.lower() in ("true", "1")
             elif isinstance(d, int):
                 out[key] = int(value)
@@ -281,7 +283,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             else:
                 out[key] = value
         except ValueError:
-            raise ValueError(f"{key}={value!r} is not a valid {type(d).__name__}") from None
+            raise InputError(f"{key}={value!r} is not a valid {type(d).__name__}") from None
     return out
 
 
@@ -302,12 +304,12 @@ def get_tokenizer_config(name: str, **overrides: Any) -> TokenizerConfig:
 def _from_preset(kind: str, presets: dict[str, Any], name: str, overrides: dict[str, Any]) -> Any:
     """presets[name]() with fields replaced; unknown preset names and fields are ValueErrors naming the choices."""
     if name not in presets:
-        raise ValueError(f"unknown {kind} preset {name!r}; choose one of {sorted(presets)}")
+        raise InputError(f"unknown {kind} preset {name!r}; choose one of {sorted(presets)}")
     cfg = presets[name]()
     known = {f.name for f in dataclasses.fields(cfg)}
     bad = sorted(set(overrides) - known)
     if bad:
-        raise ValueError(f"unknown {kind} config fields {bad}; known fields: {sorted(known)}")
+        raise InputError(f"unknown {kind} config fields {bad}; known fields: {sorted(known)}")
     return dataclasses.replace(cfg, **overrides)
 
 
@@ -357,34 +359,34 @@ class PriorConfig:
                 or len(grid) != 2
                 or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid)
             ):
-                raise ValueError(f"{name} must be two positive ints (h, w), got {grid!r}")
+                raise InputError(f"{name} must be two positive ints (h, w), got {grid!r}")
             object.__setattr__(self, name, (int(grid[0]), int(grid[1])))
         for name in ("vocab_size", "num_classes", "dim", "depth", "heads", "mlp_dim", "cond_vocab_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool):
-                raise ValueError(f"{name} must be an int, got {v!r}")
+                raise InputError(f"{name} must be an int, got {v!r}")
         if self.vocab_size < 2:
-            raise ValueError(f"vocab_size must be at least 2, got {self.vocab_size}")
+            raise InputError(f"vocab_size must be at least 2, got {self.vocab_size}")
         if self.num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0 (0 = unconditional), got {self.num_classes}")
+            raise InputError(f"num_classes must be >= 0 (0 = unconditional), got {self.num_classes}")
         if self.cond_vocab_size < 0 or self.cond_vocab_size == 1:
-            raise ValueError(
+            raise InputError(
                 f"cond_vocab_size must be 0 (no spatial condition) or >= 2, got {self.cond_vocab_size}"
             )
         if (self.cond_vocab_size > 0) != (self.cond_grid_size is not None):
-            raise ValueError(
+            raise InputError(
                 "a spatial condition needs both cond_vocab_size and cond_grid_size (or neither), got "
                 f"cond_vocab_size={self.cond_vocab_size}, cond_grid_size={self.cond_grid_size}"
             )
         for name in ("dim", "depth", "heads", "mlp_dim"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                raise InputError(f"{name} must be positive, got {getattr(self, name)}")
         if self.dim % self.heads:
-            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+            raise InputError(f"dim {self.dim} is not divisible by heads {self.heads}")
         for name in ("dropout", "class_dropout"):
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {v}")
+                raise InputError(f"{name} must be in [0, 1), got {v}")
 
     @property
     def seq_len(self) -> int:
@@ -417,7 +419,7 @@ class PriorConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown prior config keys {unknown}; known keys: {sorted(known)}")
+            raise InputError(f"unknown prior config keys {unknown}; known keys: {sorted(known)}")
         return cls(**d)
 
 

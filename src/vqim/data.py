@@ -220,7 +220,7 @@ class ImageFolderDataset(_Base):
             p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
         )
         if not self.files:
-            raise ValueError(
+            raise InputError(
                 f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found under {self.root}; "
                 "point --data at a folder of images, a .npy/.npz array, or a built-in dataset "
                 f"({', '.join(BUILTIN)})"
@@ -245,7 +245,7 @@ class ImageFolderDataset(_Base):
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
         if not rows or not {"path", "label"} <= set(rows[0]):
-            raise ValueError(f"{path}: expected a header with columns 'path' and 'label'")
+            raise InputError(f"{path}: expected a header with columns 'path' and 'label'")
         by_path = {r["path"].strip(): r["label"].strip() for r in rows}
         names = sorted(set(by_path.values()))
         index = {c: i for i, c in enumerate(names)}
@@ -257,7 +257,7 @@ class ImageFolderDataset(_Base):
                 missing.append(key)
             labels.append(-1 if lab is None else index[lab])
         if missing:
-            raise ValueError(f"{path}: no label for {len(missing)} image(s), e.g. {missing[:3]}")
+            raise InputError(f"{path}: no label for {len(missing)} image(s), e.g. {missing[:3]}")
         self.class_names, self.labels = names, labels
 
     def _check_readable(self) -> None:
@@ -267,7 +267,7 @@ class ImageFolderDataset(_Base):
                 return
             except Exception as e:  # noqa: BLE001
                 log.warning("skipping unreadable image %s (%s: %s)", p, type(e).__name__, e)
-        raise ValueError(
+        raise InputError(
             f"no readable image in {self.root}: all {len(self.files)} image files failed to decode"
         )
 
@@ -311,11 +311,11 @@ class ArrayDataset(_Base):
         try:
             data = np.load(self.path, allow_pickle=False)
         except Exception as e:  # noqa: BLE001
-            raise ValueError(f"could not read {self.path} as a numpy array file: {e}") from e
+            raise InputError(f"could not read {self.path} as a numpy array file: {e}") from e
         labels = None
         if isinstance(data, np.lib.npyio.NpzFile):
             if "images" not in data.files:
-                raise ValueError(f"{self.path} has arrays {data.files}; expected one named 'images'")
+                raise InputError(f"{self.path} has arrays {data.files}; expected one named 'images'")
             images = data["images"]
             labels = data["labels"] if "labels" in data.files else None
         else:
@@ -347,13 +347,13 @@ def _to_uint8_hwc(images: np.ndarray, name: str) -> np.ndarray:
     if images.ndim == 3:
         images = np.repeat(images[..., None], 3, axis=-1)
     if images.ndim != 4:
-        raise ValueError(f"{name}: expected images of shape (N, H, W, 3) or (N, 3, H, W), got {images.shape}")
+        raise InputError(f"{name}: expected images of shape (N, H, W, 3) or (N, 3, H, W), got {images.shape}")
     if images.shape[-1] != 3 and images.shape[1] == 3:
         images = images.transpose(0, 2, 3, 1)
     if images.shape[-1] == 1:
         images = np.repeat(images, 3, axis=-1)
     if images.shape[-1] != 3:
-        raise ValueError(f"{name}: expected 3 colour channels, got shape {images.shape}")
+        raise InputError(f"{name}: expected 3 colour channels, got shape {images.shape}")
     if len(images) == 0:
         raise InputError(f"{name}: the array holds no images")
     if images.dtype != np.uint8:
@@ -505,7 +505,7 @@ def build_dataset(
     if p.is_dir():
         return ImageFolderDataset(p, image_size, labels_csv=labels_csv, **kw)
     if labels_csv is not None:
-        raise ValueError("--labels-csv applies to image folders only")
+        raise InputError("--labels-csv applies to image folders only")
     if p.suffix.lower() in (".npy", ".npz"):
         return ArrayDataset(p, image_size, **kw)
     if not p.exists():
@@ -513,7 +513,7 @@ def build_dataset(
             f"--data {spec!r} is neither a built-in dataset ({', '.join(BUILTIN)}) nor an existing "
             "folder or .npy/.npz file"
         )
-    raise ValueError(f"--data {spec!r}: expected a folder of images or a .npy/.npz file")
+    raise InputError(f"--data {spec!r}: expected a folder of images or a .npy/.npz file")
 
 
 def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -545,7 +545,7 @@ class StepSampler(Sampler):
         self, n: int, global_batch: int, rank: int = 0, world: int = 1, seed: int = 0, start_step: int = 0
     ) -> None:
         if global_batch % world:
-            raise ValueError(f"batch size {global_batch} is not divisible by the number of processes {world}")
+            raise InputError(f"batch size {global_batch} is not divisible by the number of processes {world}")
         self.n, self.global_batch, self.rank, self.world = n, global_batch, rank, world
         self.seed, self.start_step = seed, start_step
         self.local = global_batch // world

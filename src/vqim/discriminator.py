@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vqim.errors import InputError
+
 
 class EqualConv2d(nn.Module):
     """Conv2d with equalised learning rate: weights drawn from N(0, 1), scaled by 1/sqrt(fan_in) at run time."""
@@ -92,7 +94,7 @@ class StyleGANDiscriminator(nn.Module):
         super().__init__()
         n = int(math.log2(image_size))
         if 2**n != image_size or image_size < 8:
-            raise ValueError(f"image_size must be a power of two ≥ 8, got {image_size}")
+            raise InputError(f"image_size must be a power of two ≥ 8, got {image_size}")
         widths = [min(channels * 2**i, max_channels) for i in range(n - 1)]
         self.from_rgb = EqualConv2d(3, widths[0], 1)
         self.blocks = nn.Sequential(*[ResBlock(widths[i], widths[i + 1]) for i in range(n - 2)])  # → 4×4

@@ -73,7 +73,7 @@ def evaluate_tokenizer(
     from vqim.data import collate
 
     if distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        raise ValueError("distributed=True needs an initialised torch.distributed process group")
+        raise InputError("distributed=True needs an initialised torch.distributed process group")
     rank, world = (
         (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
     )
@@ -81,7 +81,7 @@ def evaluate_tokenizer(
         # Every process must run the same collectives below: the same optional metrics everywhere.
         mine = (lpips_model is not None, inception is not None)
         if len(set(_all_gather_objects(mine))) > 1:
-            raise ValueError(
+            raise InputError(
                 "processes disagree on which of LPIPS / Inception metrics to compute (weights found on some "
                 "nodes only?); pass the weight paths explicitly or turn the metric off"
             )
@@ -152,7 +152,7 @@ def evaluate_tokenizer(
             ]
             incep.logits = _all_gather_objects(incep.logits[0])
     if n == 0:
-        raise ValueError("the evaluation set holds no readable image")
+        raise InputError("the evaluation set holds no readable image")
     result: dict[str, Any] = {k: v / n for k, v in sums.items()}
     if not tok.config.logit_laplace:
         result.pop("logit_laplace")
@@ -202,7 +202,7 @@ def optional_metric_models(
     """
     for name, mode in (("lpips", lpips), ("fid", fid)):
         if mode not in ("auto", "on", "off"):
-            raise ValueError(f"--{name} must be auto, on or off, got {mode!r}")
+            raise InputError(f"--{name} must be auto, on or off, got {mode!r}")
     notes: dict[str, str] = {}
     lp = inc = None
     if lpips != "off":
@@ -222,7 +222,7 @@ def optional_metric_models(
         except (FileNotFoundError, ImportError, ValueError) as e:
             if fid == "on" or inception_weights is not None:
                 if isinstance(e, ImportError):
-                    raise ValueError(f"rFID / Inception Score need torch-fidelity: {e}") from e
+                    raise InputError(f"rFID / Inception Score need torch-fidelity: {e}") from e
                 raise
             notes["rfid"] = notes["inception_score"] = str(e)
     for k, why in {"lpips": notes.get("lpips"), "rfid, inception_score": notes.get("rfid")}.items():
@@ -480,7 +480,7 @@ def evaluate_prior(cfg: EvalPriorConfig) -> dict[str, Any]:
     from vqim.tokens import TokenDataset, check_tokens_match, read_prior_tokens
 
     if (cfg.tokenizer is None) != (cfg.data is None):
-        raise ValueError("sample accuracy needs both a tokenizer and --data digits (or neither)")
+        raise InputError("sample accuracy needs both a tokenizer and --data digits (or neither)")
     device = resolve_device(cfg.device)
     if cfg.tokenizer is not None:
         prior, tok = load_prior_and_tokenizer(cfg.prior, cfg.tokenizer, device)
@@ -548,9 +548,9 @@ def linear_probe(cfg: ProbeConfig) -> dict[str, Any]:
     try:
         blocks = None if cfg.blocks == "all" else [int(v) for v in cfg.blocks.split(",")]
     except ValueError:
-        raise ValueError(f"blocks must be 'all' or comma-separated integers, got {cfg.blocks!r}") from None
+        raise InputError(f"blocks must be 'all' or comma-separated integers, got {cfg.blocks!r}") from None
     if blocks is not None and any(not 0 <= b < prior.config.depth for b in blocks):
-        raise ValueError(f"blocks must be in [0, {prior.config.depth}), got {blocks}")
+        raise InputError(f"blocks must be in [0, {prior.config.depth}), got {blocks}")
     train, test, names = probe_splits(cfg.data, tok.config.image_size, cfg.test_data, cfg.labels_csv)
     res = run_probe(
         prior, tok, train, test, cfg.out, blocks=blocks, class_names=names, device=device, seed=cfg.seed,

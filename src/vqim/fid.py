@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from vqim.errors import InputError
+
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
 
@@ -67,7 +69,7 @@ def load_inception(
         or "fc.weight" not in state
         or "Mixed_7c.branch_pool.conv.weight" not in state
     ):
-        raise ValueError(
+        raise InputError(
             f"{p} does not hold torch-fidelity's InceptionV3 weights (a dict of tensors with fc.weight …)"
         )
     with tempfile.TemporaryDirectory(prefix="vqim-inception-") as tmp:
@@ -77,7 +79,7 @@ def load_inception(
         try:
             net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"], str(clean))
         except RuntimeError as e:  # missing / unexpected keys or wrong shapes
-            raise ValueError(f"{p} does not match torch-fidelity's InceptionV3: {e}") from None
+            raise InputError(f"{p} does not match torch-fidelity's InceptionV3: {e}") from None
     return net.to(device).eval().requires_grad_(False)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torchmetrics.functional.image import structural_similarity_index_measure
 
+from vqim.errors import InputError
 from vqim.quantize import code_histogram, usage_and_perplexity
 
 __all__ = ["psnr", "ssim", "CodebookStats", "code_histogram", "usage_and_perplexity"]
@@ -86,7 +87,7 @@ class FeatureStats:
     def mean_cov(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean (D,) and unbiased covariance (D, D)."""
         if self.n < 2:
-            raise ValueError("a covariance needs at least 2 feature vectors")
+            raise InputError("a covariance needs at least 2 feature vectors")
         mu = self.sum / self.n
         cov = (self.outer - self.n * torch.outer(mu, mu)) / (self.n - 1)
         return mu, cov

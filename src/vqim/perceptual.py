@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vqim.errors import InputError
+
 VGG16_FILE = "vgg16-397923af.pth"
 VGG16_URL = f"https://download.pytorch.org/models/{VGG16_FILE}"
 # Indices in torchvision's vgg16().features after which LPIPS taps relu1_2 … relu5_3.
@@ -98,7 +100,7 @@ class LPIPS(nn.Module):
         feats = {k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")}
         wanted = {k for k in self.features.state_dict()}
         if not wanted <= set(feats):
-            raise ValueError(
+            raise InputError(
                 f"{vgg} does not hold VGG16 feature weights (missing {sorted(wanted - set(feats))[:3]})"
             )
         self.features.load_state_dict({k: feats[k] for k in wanted})
@@ -113,7 +115,7 @@ class LPIPS(nn.Module):
         for i, conv in enumerate(self.lins):
             key = f"lin{i}.model.1.weight"
             if key not in lstate:
-                raise ValueError(f"{lin} does not hold LPIPS heads (missing {key})")
+                raise InputError(f"{lin} does not hold LPIPS heads (missing {key})")
             conv.weight.data.copy_(lstate[key])
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

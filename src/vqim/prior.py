@@ -33,6 +33,7 @@ from torch import nn
 
 from vqim.checkpoint import PretrainedMixin
 from vqim.config import PriorConfig, get_prior_config
+from vqim.errors import InputError
 from vqim.nn.linear import Linear
 from vqim.nn.transformer import KVCache, Transformer
 
@@ -194,23 +195,23 @@ class Prior(PretrainedMixin, nn.Module):
         which the training step avoids (an id out of range still fails in the embedding lookup).
         """
         if not isinstance(tokens, torch.Tensor):
-            raise ValueError(f"tokens must be a LongTensor of shape (B, T), got {type(tokens).__name__}")
+            raise InputError(f"tokens must be a LongTensor of shape (B, T), got {type(tokens).__name__}")
         if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
-            raise ValueError(f"tokens must be an integer tensor, got dtype {tokens.dtype}")
+            raise InputError(f"tokens must be an integer tensor, got dtype {tokens.dtype}")
         h, w = self.config.grid_size
         if tokens.ndim == 3:
             if tuple(tokens.shape[1:]) != (h, w):
-                raise ValueError(f"a token grid must have shape (B, {h}, {w}), got {tuple(tokens.shape)}")
+                raise InputError(f"a token grid must have shape (B, {h}, {w}), got {tuple(tokens.shape)}")
             tokens = tokens.reshape(tokens.shape[0], h * w)
         if tokens.ndim != 2:
-            raise ValueError(f"tokens must have shape (B, T) or (B, {h}, {w}), got {tuple(tokens.shape)}")
+            raise InputError(f"tokens must have shape (B, T) or (B, {h}, {w}), got {tuple(tokens.shape)}")
         t = tokens.shape[1]
         if not 1 <= t <= h * w:
-            raise ValueError(f"sequence length T = {t} must be in [1, h·w = {h * w}] for the {h}×{w} grid")
+            raise InputError(f"sequence length T = {t} must be in [1, h·w = {h * w}] for the {h}×{w} grid")
         v = self.config.vocab_size
         if values and tokens.numel() and bool(((tokens < 0) | (tokens >= v)).any()):
             lo, hi = int(tokens.min()), int(tokens.max())
-            raise ValueError(f"token ids must be in [0, {v}), got values in [{lo}, {hi}]")
+            raise InputError(f"token ids must be in [0, {v}), got values in [{lo}, {hi}]")
         return tokens.long()
 
     def check_labels(self, labels: LabelsLike, batch_size: int, values: bool = True) -> torch.Tensor | None:
@@ -220,27 +221,27 @@ class Prior(PretrainedMixin, nn.Module):
         c = self.config.num_classes
         if not self.config.conditional:
             if labels is not None:
-                raise ValueError("this prior is unconditional (num_classes = 0): pass labels=None")
+                raise InputError("this prior is unconditional (num_classes = 0): pass labels=None")
             return None
         if labels is None:
-            raise ValueError(
+            raise InputError(
                 f"this prior is class-conditional ({c} classes): pass labels, a LongTensor (B,) of ids in "
                 f"[0, {c}) (or {c}, the null class)"
             )
         if isinstance(labels, bool):
-            raise ValueError("labels must be ints, got a bool")
+            raise InputError("labels must be ints, got a bool")
         if isinstance(labels, int):
             labels = torch.full((batch_size,), labels, dtype=torch.long)
         elif not isinstance(labels, torch.Tensor):
             labels = torch.as_tensor(list(labels))
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+            raise InputError(f"labels must be integers, got dtype {labels.dtype}")
         if labels.ndim == 0:
             labels = labels.expand(batch_size)
         if labels.shape != (batch_size,):
-            raise ValueError(f"labels must have shape ({batch_size},), got {tuple(labels.shape)}")
+            raise InputError(f"labels must have shape ({batch_size},), got {tuple(labels.shape)}")
         if values and bool(((labels < 0) | (labels > c)).any()):
-            raise ValueError(
+            raise InputError(
                 f"labels must be in [0, {c}) (or {c}, the null class), got values in "
                 f"[{int(labels.min())}, {int(labels.max())}]"
             )
@@ -255,35 +256,35 @@ class Prior(PretrainedMixin, nn.Module):
         c = self.config
         if not c.spatial:
             if condition is not None:
-                raise ValueError(
+                raise InputError(
                     "this prior has no spatial condition (cond_vocab_size = 0): pass condition=None"
                 )
             return None
         hc, wc = c.cond_grid_size
         if condition is None:
-            raise ValueError(
+            raise InputError(
                 f"this prior is conditioned on a {hc}×{wc} grid of condition tokens: pass condition, a LongTensor "
                 f"(B, {hc}, {wc}) of ids in [0, {c.cond_vocab_size}) from the condition tokenizer"
             )
         if not isinstance(condition, torch.Tensor):
-            raise ValueError(
+            raise InputError(
                 f"condition must be a LongTensor (B, {hc}, {wc}), got {type(condition).__name__}"
             )
         if condition.is_floating_point() or condition.is_complex() or condition.dtype == torch.bool:
-            raise ValueError(f"condition tokens must be integers, got dtype {condition.dtype}")
+            raise InputError(f"condition tokens must be integers, got dtype {condition.dtype}")
         if condition.ndim == 2 and tuple(condition.shape) == (hc, wc) and (batch_size, hc * wc) != (hc, wc):
             condition = condition.reshape(1, hc * wc).expand(batch_size, -1)
         elif condition.ndim == 3 and tuple(condition.shape[1:]) == (hc, wc):
             condition = condition.reshape(condition.shape[0], hc * wc)
         if condition.ndim != 2 or tuple(condition.shape) != (batch_size, hc * wc):
-            raise ValueError(
+            raise InputError(
                 f"condition must be condition tokens of shape ({batch_size}, {hc}, {wc}) (the prior's condition "
                 f"grid), got {tuple(condition.shape)}: encode the condition with the condition tokenizer the "
                 "prior was trained with"
             )
         v = c.cond_vocab_size
         if values and bool(((condition < 0) | (condition >= v)).any()):
-            raise ValueError(
+            raise InputError(
                 f"condition token ids must be in [0, {v}) (the condition tokenizer's codebook), got values in "
                 f"[{int(condition.min())}, {int(condition.max())}]"
             )
@@ -378,7 +379,7 @@ class Prior(PretrainedMixin, nn.Module):
             taps = sorted({int(i) for i in return_blocks})
             depth = self.config.depth
             if any(not 0 <= i < depth for i in taps):
-                raise ValueError(f"return_blocks must be block indices in [0, {depth}), got {taps}")
+                raise InputError(f"return_blocks must be block indices in [0, {depth}), got {taps}")
         prefix = self.embed_prefix(labels, condition, b)  # (B, L + 1, D)
         body = self.tok_embed(tokens[:, : t - 1]) + self.position_table()[: t - 1]  # (B, T-1, D)
         x = self.drop(torch.cat([prefix, body], dim=1))  # (B, L + T, D)
@@ -488,7 +489,7 @@ def load_prior_and_tokenizer(
             "pass the tokenizer that `vqim encode` used for the prior's training tokens",
         )  # fmt: skip
     if tok.config.codebook_size != prior.config.vocab_size or tuple(tok.grid_size) != prior.grid_size:
-        raise ValueError(
+        raise InputError(
             f"the tokenizer in {tokenizer_dir} ({tok.config.codebook_size} codes, grid {tuple(tok.grid_size)}) "
             f"does not fit the prior in {prior_dir} (vocabulary {prior.config.vocab_size}, grid "
             f"{prior.grid_size})"

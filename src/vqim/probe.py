@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vqim.checkpoint import read_json, save_tensors, write_json
 from vqim.data import collate
+from vqim.errors import InputError
 from vqim.prior import Prior
 from vqim.tokenizer import Tokenizer
 
@@ -46,7 +47,7 @@ def check_baselines(baselines: Collection[str]) -> tuple[str, ...]:
         isinstance(b, str) and b in BASELINES for b in baselines
     )
     if not known:
-        raise ValueError(f"baselines must be a list of names from {list(BASELINES)}, got {baselines!r}")
+        raise InputError(f"baselines must be a list of names from {list(BASELINES)}, got {baselines!r}")
     return tuple(b for b in BASELINES if b in baselines)
 
 
@@ -103,7 +104,7 @@ def extract_features(
     tokenizer.train(was_tok)
     feats = {k: torch.cat(v) for k, v in out.items()}
     if (feats["labels"] < 0).any():
-        raise ValueError("the probe needs labelled images: class sub-folders, --labels-csv, or digits")
+        raise InputError("the probe needs labelled images: class sub-folders, --labels-csv, or digits")
     return feats
 
 
@@ -326,7 +327,7 @@ def probe_features(
     names = class_names or [str(i) for i in range(c)]
     missing = [names[k] for k in range(c) if counts_tr[k] == 0 or counts_te[k] == 0]
     if missing:
-        raise ValueError(
+        raise InputError(
             f"classes {missing} are missing from the training or test split; every class needs both"
         )
     imbalance = max(counts_tr) / max(1, min(counts_tr))

@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from vqim.errors import InputError
 from vqim.losses import vq_loss
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ class VectorQuantizer(nn.Module):
     def decode_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Code vectors for ids (...), projected out, (..., D_out)."""
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.codebook_size):
-            raise ValueError(
+            raise InputError(
                 f"token ids must be in [0, {self.codebook_size - 1}], got range "
                 f"[{int(ids.min())}, {int(ids.max())}]"
             )

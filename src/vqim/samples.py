@@ -24,7 +24,7 @@ import torch
 
 from vqim.checkpoint import atomic_write, resolve_device
 from vqim.config import SamplingConfig
-from vqim.errors import check_output, check_settings
+from vqim.errors import InputError, check_output, check_settings
 from vqim.options import option
 
 
@@ -40,7 +40,7 @@ def parse_size(text: str | None, what: str) -> tuple[int, int] | None:
     if len(size) == 1:
         size = size * 2
     if len(size) != 2 or min(size) < 1:
-        raise ValueError(f"{what} must be HxW with positive integers (e.g. 32x64), got {text!r}")
+        raise InputError(f"{what} must be HxW with positive integers (e.g. 32x64), got {text!r}")
     return size
 
 
@@ -56,7 +56,7 @@ def load_image(path: str | Path, size: tuple[int, int] | None) -> torch.Tensor:
     try:
         im = load_rgb(path)
     except Exception as e:  # noqa: BLE001 - any decoding failure is bad input here
-        raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+        raise InputError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
     if size is not None:
         h, w = size
         scale = max(h / im.height, w / im.width)
@@ -76,15 +76,15 @@ def class_list(text: str | None, num_classes: int) -> list[int] | None:
     """Class ids from "0,3,7" for a prior with num_classes classes (None: all of them); None if unconditional."""
     if num_classes == 0:
         if text:
-            raise ValueError("classes given, but the prior is unconditional")
+            raise InputError("classes given, but the prior is unconditional")
         return None
     try:
         ids = list(range(num_classes)) if not text else [int(v) for v in text.split(",")]
     except ValueError:
-        raise ValueError(f"classes must be comma-separated integers, got {text!r}") from None
+        raise InputError(f"classes must be comma-separated integers, got {text!r}") from None
     bad = [i for i in ids if not 0 <= i < num_classes]
     if bad:
-        raise ValueError(f"classes {bad} out of range: the prior has classes 0..{num_classes - 1}")
+        raise InputError(f"classes {bad} out of range: the prior has classes 0..{num_classes - 1}")
     return ids
 
 
@@ -132,12 +132,12 @@ class SampleConfig:
 def canvas_grid(cfg_grid: str | None, cfg_image_size: str | None, prior: Any, tok: Any) -> tuple[int, int]:
     """The token canvas from --grid or --image-size (default: the prior's training grid)."""
     if cfg_grid is not None and cfg_image_size is not None:
-        raise ValueError("pass --grid (tokens) or --image-size (pixels), not both")
+        raise InputError("pass --grid (tokens) or --image-size (pixels), not both")
     if cfg_image_size is not None:
         h, w = parse_size(cfg_image_size, "--image-size")
         p = tok.config.patch_size
         if h % p or w % p:
-            raise ValueError(f"--image-size {h}x{w} must be a multiple of the tokenizer's patch size {p}")
+            raise InputError(f"--image-size {h}x{w} must be a multiple of the tokenizer's patch size {p}")
         return h // p, w // p
     return parse_size(cfg_grid, "--grid") or tuple(prior.grid_size)
 
@@ -147,7 +147,7 @@ def _load_pair(cfg: SampleConfig | CompleteConfig) -> tuple[Any, Any, torch.devi
     from vqim.prior import load_prior_and_tokenizer
 
     if cfg.n < 1:
-        raise ValueError(f"n must be at least 1, got {cfg.n}")
+        raise InputError(f"n must be at least 1, got {cfg.n}")
     device = resolve_device(cfg.device)
     prior, tok = load_prior_and_tokenizer(cfg.prior, cfg.tokenizer, device)
     return prior, tok, device
@@ -165,7 +165,7 @@ def sample_to_folder(cfg: SampleConfig) -> dict[str, Any]:
     if prior.config.spatial or cfg.condition:
         return _sample_conditioned(cfg, prior, tok, grid, device)
     if cfg.condition_tokenizer is not None:
-        raise ValueError(
+        raise InputError(
             "--condition-tokenizer is for a spatially conditioned prior, with --condition images"
         )
     kw = {**cfg.sampling.kwargs(), "grid": grid}
@@ -197,14 +197,14 @@ def load_condition_tokenizer(
     from vqim.tokens import check_tokens_match, read_prior_tokens
 
     if not prior.config.spatial:
-        raise ValueError(f"the prior in {prior_dir} has no spatial condition: sample without --condition")
+        raise InputError(f"the prior in {prior_dir} has no spatial condition: sample without --condition")
     record = (read_prior_tokens(prior_dir) or {}).get("condition")
     if record is None:
-        raise ValueError(
+        raise InputError(
             f"{prior_dir}/tokens.json records no condition: cannot tell which condition the prior reads"
         )
     if tokenizer_dir is None:
-        raise ValueError(
+        raise InputError(
             f"the prior in {prior_dir} is conditioned on {record['spec']}: pass --condition-tokenizer, the condition "
             f"tokenizer its tokens were encoded with ({record.get('tokenizer_dir') or 'see tokens.json'})"
         )
@@ -226,7 +226,7 @@ def condition_tokens(
         images = cond.from_input(images, size)
     p = ctok.config.patch_size
     if tuple(images.shape[2:]) != tuple(size) or size[0] % p or size[1] % p:
-        raise ValueError(
+        raise InputError(
             f"condition images must be {size[0]}×{size[1]} pixels (the sampled image's size), got "
             f"{images.shape[2]}×{images.shape[3]}"
         )
@@ -239,7 +239,7 @@ def _sample_conditioned(cfg: SampleConfig, prior: Any, tok: Any, grid: tuple[int
     from vqim.sampling import generate_images
 
     if not cfg.condition:
-        raise ValueError(
+        raise InputError(
             f"the prior in {cfg.prior} is spatially conditioned: pass --condition IMAGE... (and --condition-tokenizer)"
         )
     ctok, cond = load_condition_tokenizer(cfg.prior, prior, cfg.condition_tokenizer, device)
@@ -325,27 +325,27 @@ def complete_to_folder(cfg: CompleteConfig) -> dict[str, Any]:
 
     prior, tok, device = _load_pair(cfg)
     if prior.config.spatial:
-        raise ValueError("`vqim complete` takes a prior without a spatial condition")
+        raise InputError("`vqim complete` takes a prior without a spatial condition")
     h, w = prior.grid_size
     if cfg.rows is not None and cfg.mask is not None:
-        raise ValueError("pass --rows or --mask, not both")
+        raise InputError("pass --rows or --mask, not both")
     if cfg.mask is not None:
         keep = mask_from_image(cfg.mask, (h, w))
     else:
         rows = h // 2 if cfg.rows is None else cfg.rows
         if not 0 <= rows < h:
-            raise ValueError(f"--rows must be in [0, {h - 1}] (the grid has {h} token rows), got {rows}")
+            raise InputError(f"--rows must be in [0, {h - 1}] (the grid has {h} token rows), got {rows}")
         keep = torch.zeros(h, w, dtype=torch.bool)
         keep[:rows] = True
     labels = None
     if prior.config.conditional:
         if cfg.label is None:
-            raise ValueError(
+            raise InputError(
                 f"the prior is class-conditional: pass --label (0..{prior.config.num_classes - 1})"
             )
         labels = cfg.label
     elif cfg.label is not None:
-        raise ValueError("--label given, but the prior is unconditional")
+        raise InputError("--label given, but the prior is unconditional")
     size = tok.config.image_size
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -110,9 +110,9 @@ def _check_grid(prior: Prior, grid: Any) -> tuple[int, int]:
         or len(grid) != 2
         or not all(isinstance(g, int) and not isinstance(g, bool) for g in grid)
     ):
-        raise ValueError(f"grid must be two ints (H, W), got {grid!r}")
+        raise InputError(f"grid must be two ints (H, W), got {grid!r}")
     if grid[0] < h or grid[1] < w:
-        raise ValueError(
+        raise InputError(
             f"grid {tuple(grid)} is smaller than the prior's {h}×{w} training grid; the sliding window needs a "
             f"canvas of at least {h}×{w} tokens"
         )
@@ -122,9 +122,9 @@ def _check_grid(prior: Prior, grid: Any) -> tuple[int, int]:
 def _check_ids(t: Any, name: str, vocab: int, what: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
-        raise ValueError(f"{name} must be an integer tensor of {what} ids, got {got}")
+        raise InputError(f"{name} must be an integer tensor of {what} ids, got {got}")
     if t.numel() and bool(((t < 0) | (t >= vocab)).any()):
-        raise ValueError(
+        raise InputError(
             f"{name} ids must be in [0, {vocab}), got values in [{int(t.min())}, {int(t.max())}]"
         )
     return t.long()
@@ -137,16 +137,16 @@ def _known_tokens(
     hh, ww = canvas
     total, v, dev = hh * ww, prior.config.vocab_size, prior.device
     if prefix is not None and (known is not None or keep is not None):
-        raise ValueError("pass either prefix (a raster prefix) or known + keep (a mask), not both")
+        raise InputError("pass either prefix (a raster prefix) or known + keep (a mask), not both")
     if prefix is not None:
         prefix = _check_ids(prefix, "prefix", v, "token")
         if prefix.ndim == 1:
             prefix = prefix[None].expand(n, -1)
         if prefix.ndim != 2 or prefix.shape[0] != n:
-            raise ValueError(f"prefix must have shape (k,) or ({n}, k), got {tuple(prefix.shape)}")
+            raise InputError(f"prefix must have shape (k,) or ({n}, k), got {tuple(prefix.shape)}")
         k = prefix.shape[1]
         if not 1 <= k <= total:
-            raise ValueError(f"prefix length {k} must be in [1, {total}] (the {hh}×{ww} grid's tokens)")
+            raise InputError(f"prefix length {k} must be in [1, {total}] (the {hh}×{ww} grid's tokens)")
         given = torch.zeros(n, total, dtype=torch.long, device=dev)
         given[:, :k] = prefix.to(dev)
         kept = torch.zeros(n, total, dtype=torch.bool, device=dev)
@@ -155,20 +155,20 @@ def _known_tokens(
     if known is None and keep is None:
         return None
     if known is None or keep is None:
-        raise ValueError(
+        raise InputError(
             "inpainting needs both known (token grid (n, H, W)) and keep (bool mask (H, W) or (n, H, W))"
         )
     known = _check_ids(known, "known", v, "token")
     if known.ndim == 2:
         known = known[None].expand(n, -1, -1)
     if tuple(known.shape) != (n, hh, ww):
-        raise ValueError(f"known must have shape ({n}, {hh}, {ww}) or ({hh}, {ww}), got {tuple(known.shape)}")
+        raise InputError(f"known must have shape ({n}, {hh}, {ww}) or ({hh}, {ww}), got {tuple(known.shape)}")
     if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool:
-        raise ValueError("keep must be a bool tensor (True = keep the known token)")
+        raise InputError("keep must be a bool tensor (True = keep the known token)")
     if keep.ndim == 2:
         keep = keep[None].expand(n, -1, -1)
     if tuple(keep.shape) != (n, hh, ww):
-        raise ValueError(f"keep must have shape ({hh}, {ww}) or ({n}, {hh}, {ww}), got {tuple(keep.shape)}")
+        raise InputError(f"keep must have shape ({hh}, {ww}) or ({n}, {hh}, {ww}), got {tuple(keep.shape)}")
     return known.reshape(n, total).to(dev), keep.reshape(n, total).to(dev)
 
 
@@ -179,19 +179,19 @@ def _condition_canvas(prior: Prior, condition: Any, n: int, canvas: tuple[int, i
         cond = prior.check_condition(condition, n)
         return None if cond is None else cond.view(n, *cfg.cond_grid_size)
     if tuple(cfg.cond_grid_size) != tuple(cfg.grid_size):
-        raise ValueError(
+        raise InputError(
             f"sliding-window sampling with a spatial condition needs the condition grid {cfg.cond_grid_size} to "
             f"equal the image grid {cfg.grid_size}, so that each window reads the condition's matching window"
         )
     if condition is None:
-        raise ValueError(
+        raise InputError(
             f"this prior is spatially conditioned: pass condition tokens ({n}, {canvas[0]}, {canvas[1]})"
         )
     cond = _check_ids(condition, "condition", cfg.cond_vocab_size, "condition token")
     if cond.ndim == 2:
         cond = cond[None].expand(n, -1, -1)
     if tuple(cond.shape) != (n, *canvas):
-        raise ValueError(
+        raise InputError(
             f"for a {canvas[0]}×{canvas[1]} canvas the condition must be a token grid of the same size, "
             f"({n}, {canvas[0]}, {canvas[1]}), got {tuple(cond.shape)}"
         )
@@ -293,17 +293,17 @@ def _sample(
 ) -> torch.Tensor:
     cfg = prior.config
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+        raise InputError(f"n must be a positive int, got {n!r}")
     check_sampling_args(temperature, top_k, top_p, cfg_scale)
     h, w = cfg.grid_size
     canvas = _check_grid(prior, grid)
     hh, ww = canvas
     total = hh * ww if num_tokens is None else num_tokens
     if not 1 <= total <= hh * ww:
-        raise ValueError(f"num_tokens must be in [1, H·W = {hh * ww}], got {num_tokens}")
+        raise InputError(f"num_tokens must be in [1, H·W = {hh * ww}], got {num_tokens}")
     guided = cfg_scale != 1.0
     if guided and not cfg.conditional:
-        raise ValueError("classifier-free guidance (cfg_scale != 1) needs a class-conditional prior")
+        raise InputError("classifier-free guidance (cfg_scale != 1) needs a class-conditional prior")
     labels = prior.check_labels(labels, n)  # (n,) or None
     cond = _condition_canvas(prior, condition, n, canvas)  # (n, Hc, Wc) or None
     fixed = _known_tokens(prior, n, canvas, prefix, known, keep)
@@ -401,7 +401,7 @@ def generate_images(
     """
     tcfg, pcfg = tokenizer.config, prior.config
     if tcfg.codebook_size != pcfg.vocab_size or tuple(tokenizer.grid_size) != tuple(pcfg.grid_size):
-        raise ValueError(
+        raise InputError(
             f"the tokenizer ({tcfg.codebook_size} codes, grid {tuple(tokenizer.grid_size)}) does not fit the "
             f"prior (vocabulary {pcfg.vocab_size}, grid {tuple(pcfg.grid_size)}): use the tokenizer whose tokens "
             "the prior was trained on"
@@ -409,7 +409,7 @@ def generate_images(
     allowed = "temperature top_k top_p cfg_scale seed condition prefix known keep grid".split()
     bad = sorted(set(sampling_kwargs) - set(allowed))
     if bad:
-        raise ValueError(f"unknown sampling arguments {bad}; use {', '.join(allowed)}")
+        raise InputError(f"unknown sampling arguments {bad}; use {', '.join(allowed)}")
     ids = generate(prior, n, labels, **sampling_kwargs)  # (n, H, W)
     return tokenizer.decode(ids.to(next(tokenizer.parameters()).device))
 

@@ -17,6 +17,7 @@ from torch import nn
 from vqim import losses
 from vqim.checkpoint import PretrainedMixin
 from vqim.config import TokenizerConfig, get_tokenizer_config
+from vqim.errors import InputError
 from vqim.nn import conv
 from vqim.nn.transformer import Transformer, init_weights, sincos_2d
 from vqim.quantize import VectorQuantizer
@@ -243,21 +244,21 @@ class Tokenizer(PretrainedMixin, nn.Module):
 
     def _check_images(self, images: Any) -> torch.Tensor:
         if not isinstance(images, torch.Tensor):
-            raise ValueError(
+            raise InputError(
                 f"images must be a torch.Tensor of shape (B, 3, H, W), got {type(images).__name__}"
             )
         if images.ndim != 4 or images.shape[1] != self.config.channels:
-            raise ValueError(
+            raise InputError(
                 f"images must have shape (B, {self.config.channels}, H, W), got {tuple(images.shape)}"
             )
         if not images.is_floating_point():
-            raise ValueError(
+            raise InputError(
                 f"images must be a float tensor in [0, 1], got dtype {images.dtype}; "
                 "convert uint8 images with images.float() / 255"
             )
         p = self.config.patch_size
         if images.shape[2] % p or images.shape[3] % p:
-            raise ValueError(
+            raise InputError(
                 f"image size {images.shape[2]}×{images.shape[3]} is not divisible by the patch size {p}; "
                 f"resize or crop to a multiple of {p}"
             )
@@ -325,9 +326,9 @@ class Tokenizer(PretrainedMixin, nn.Module):
         """Images in [0, 1], (B, 3, h·p, w·p), for token ids (B, h, w)."""
         if not isinstance(ids, torch.Tensor) or ids.ndim != 3:
             shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
-            raise ValueError(f"ids must be a LongTensor of shape (B, h, w), got {shape}")
+            raise InputError(f"ids must be a LongTensor of shape (B, h, w), got {shape}")
         if ids.is_floating_point() or ids.dtype == torch.bool:
-            raise ValueError(f"ids must be an integer tensor, got dtype {ids.dtype}")
+            raise InputError(f"ids must be an integer tensor, got dtype {ids.dtype}")
         b, h, w = ids.shape
         vecs = self.quantizer.decode_ids(ids.long().reshape(b, h * w))  # (B, N, D)
         dtype = self.decoder.last_layer.dtype

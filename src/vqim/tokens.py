@@ -133,7 +133,7 @@ def encode_dataset(
     from vqim.data import collate
 
     if (condition is None) != (condition_tokenizer is None):
-        raise ValueError("a spatial condition needs both --condition and --condition-tokenizer")
+        raise InputError("a spatial condition needs both --condition and --condition-tokenizer")
     cond = None
     if condition is not None:
         cond = parse_condition(condition)
@@ -206,7 +206,7 @@ def encode_dataset(
         flush(final=False)
     flush(final=True)
     if count == 0:
-        raise ValueError("no readable image to encode")
+        raise InputError("no readable image to encode")
     manifest: dict[str, Any] = {
         "format": "vqim-tokens/1",
         "grid_size": list(grid),
@@ -245,7 +245,7 @@ def load_ids(path: str | os.PathLike) -> np.ndarray:
     if arr.ndim == 2:
         arr = arr[None]
     if arr.ndim != 3 or not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(
+        raise InputError(
             f"{path}: expected integer token ids of shape (n, h, w), got {arr.dtype} {arr.shape}"
         )
     return arr
@@ -334,9 +334,9 @@ class TokenDataset(Dataset):
         self.directory = Path(directory)
         self.manifest = read_manifest(directory)
         if split not in ("all", "train", "val"):
-            raise ValueError(f"split must be 'all', 'train' or 'val', got {split!r}")
+            raise InputError(f"split must be 'all', 'train' or 'val', got {split!r}")
         if split == "val" and val_every <= 0:
-            raise ValueError("a 'val' split needs val_every > 0")
+            raise InputError("a 'val' split needs val_every > 0")
         self.split, self.val_every = split, val_every
         self.grid_size = tuple(self.manifest["grid_size"])
         self.codebook_size = int(self.manifest["codebook_size"])
@@ -377,7 +377,7 @@ class TokenDataset(Dataset):
         self._starts = np.array(starts)
         self.total = int(starts[-1])
         if self.total == 0:
-            raise ValueError(f"{self.directory}: the token folder holds no sequences")
+            raise InputError(f"{self.directory}: the token folder holds no sequences")
 
     def __len__(self) -> int:
         if self.split == "all" or self.val_every <= 0:
@@ -412,13 +412,13 @@ class TokenDataset(Dataset):
         mine = self.condition
         if not prior_config.spatial:
             if mine is not None:
-                raise ValueError(
+                raise InputError(
                     f"the tokens in {self.directory} carry a spatial condition ({mine['spec']}), but the prior "
                     "has none: train a new prior on them"
                 )
             return
         if mine is None:
-            raise ValueError(
+            raise InputError(
                 f"the prior is conditioned on a {tuple(prior_config.cond_grid_size)} condition grid, but the "
                 f"tokens in {self.directory} carry no condition tokens: encode with --condition and "
                 "--condition-tokenizer"
@@ -426,7 +426,7 @@ class TokenDataset(Dataset):
         if tuple(mine["grid_size"]) != tuple(prior_config.cond_grid_size) or int(
             mine["codebook_size"]
         ) != int(prior_config.cond_vocab_size):
-            raise ValueError(
+            raise InputError(
                 f"the condition tokens in {self.directory} ({mine['codebook_size']} codes, grid "
                 f"{tuple(mine['grid_size'])}) do not fit the prior's condition ({prior_config.cond_vocab_size} "
                 f"codes, grid {tuple(prior_config.cond_grid_size)})"
@@ -457,17 +457,17 @@ class TokenDataset(Dataset):
             )
             tokenizer_hash = None
         if self.codebook_size != vocab_size:
-            raise ValueError(
+            raise InputError(
                 f"tokens in {self.directory} come from a codebook of {self.codebook_size} codes, but the prior's "
                 f"vocabulary is {vocab_size}; train the prior with --vocab matching the tokenizer"
             )
         if tuple(grid_size) != self.grid_size:
-            raise ValueError(
+            raise InputError(
                 f"tokens in {self.directory} have grid {self.grid_size}, but the prior expects {tuple(grid_size)}"
             )
         found = self.manifest.get("tokenizer_config_hash")
         if tokenizer_hash is not None and found != tokenizer_hash:
-            raise ValueError(
+            raise InputError(
                 f"tokens in {self.directory} were written by tokenizer {found}, not by {tokenizer_hash}; "
                 "re-encode the data with the tokenizer the prior is trained for"
             )

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vqim.errors import InputError
 from vqim.nn.linear import Linear
 
 
@@ -60,7 +61,7 @@ class KVCache:
         t = k.shape[2]
         end = self.length + t
         if end > self.k.shape[2]:
-            raise ValueError(f"KV cache overflow: {end} positions > capacity {self.k.shape[2]}")
+            raise InputError(f"KV cache overflow: {end} positions > capacity {self.k.shape[2]}")
         # narrow() rather than [:, :, a:b]: the same views, with less Python indexing work per decode step.
         self.k.narrow(2, self.length, t).copy_(k)
         self.v.narrow(2, self.length, t).copy_(v)
@@ -85,7 +86,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, dropout: float = 0.0, causal: bool = False) -> None:
         super().__init__()
         if dim % heads:
-            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+            raise InputError(f"dim {dim} is not divisible by heads {heads}")
         self.heads = heads
         self.head_dim = dim // heads
         self.causal = causal
@@ -110,7 +111,7 @@ class Attention(nn.Module):
         causal, mask = self.causal, None
         if cache is not None:
             if not self.causal:
-                raise ValueError("a KV cache is for causal attention (the prior), not a bidirectional ViT")
+                raise InputError("a KV cache is for causal attention (the prior), not a bidirectional ViT")
             past = cache.length
             k, v = cache.append(k, v)  # (B, H, past + N, hd)
             if past:
@@ -207,7 +208,7 @@ class Transformer(nn.Module):
                 ones, and their keys and values are appended.
         """
         if caches is not None and len(caches) != len(self.blocks):
-            raise ValueError(f"need one KV cache per block ({len(self.blocks)}), got {len(caches)}")
+            raise InputError(f"need one KV cache per block ({len(self.blocks)}), got {len(caches)}")
         taps: dict[int, torch.Tensor] = {}
         if caches is not None and return_blocks is None:  # cached decoding: see Block.forward
             for blk, cache in zip(self._modules["blocks"], caches):
@@ -246,7 +247,7 @@ def init_weights(module: nn.Module, std: float = 0.02) -> None:
 def sincos_2d(h: int, w: int, dim: int) -> torch.Tensor:
     """Fixed 2-D sine-cosine position embedding (MAE / MoCo v3), shape (h·w, dim)."""
     if dim % 4:
-        raise ValueError(f"sincos position embedding needs dim divisible by 4, got {dim}")
+        raise InputError(f"sincos position embedding needs dim divisible by 4, got {dim}")
     y, x = torch.meshgrid(
         torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij"
     )

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from vqim.errors import InputError
 from vqim.losses import (
     adaptive_gan_weight,
     hinge_d_loss,
@@ -85,9 +86,9 @@ class GAN:
             disc = PatchGANDiscriminator(channels=channels)
             g, d = hinge_g_loss, hinge_d_loss
         else:
-            raise ValueError(f"--disc must be one of {', '.join(DISCRIMINATORS)}, got {kind!r}")
+            raise InputError(f"--disc must be one of {', '.join(DISCRIMINATORS)}, got {kind!r}")
         if r1_interval <= 0:
-            raise ValueError(f"--r1-interval must be positive, got {r1_interval}")
+            raise InputError(f"--r1-interval must be positive, got {r1_interval}")
         opt = torch.optim.Adam(disc.parameters(), lr=lr, betas=betas, fused=True)
         return cls(
             disc.train(), opt, g, d, weight, kind == "patchgan" if adaptive is None else adaptive, start,
@@ -114,7 +115,7 @@ class GAN:
         weight: torch.Tensor | float = self.weight
         if self.adaptive:
             if last_layer is None:
-                raise ValueError("the adaptive GAN weight needs the decoder's last layer")
+                raise InputError("the adaptive GAN weight needs the decoder's last layer")
             lam = adaptive_gan_weight(rec_loss, g, last_layer)
             weight = weight * lam
             terms["adaptive_weight"] = lam.detach()

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from vqim.checkpoint import write_json
 from vqim.data import StepSampler
-from vqim.errors import check_settings
+from vqim.errors import InputError, check_settings
 from vqim.options import option
 from vqim.prior import Prior, bits_per_token, nats_to_bits
 from vqim.tokens import TokenDataset, collate_tokens
@@ -115,7 +115,7 @@ class PriorTrainer(Trainer):
         self.conditional = ds.has_labels and not cfg.unconditional
         self.num_classes = len(ds.class_names or []) if self.conditional else 0
         if self.conditional and self.num_classes == 0:
-            raise ValueError(f"{cfg.tokens}: the tokens have labels but no class names; pass --unconditional")
+            raise InputError(f"{cfg.tokens}: the tokens have labels but no class names; pass --unconditional")
         if self.resume_from is not None:
             model = Prior.from_pretrained(self.resume_from).train()
         else:
