@@ -24,6 +24,7 @@ from vqim.errors import InputError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+EMA_NAME = "ema.safetensors"  # the training run's average of the weights (`--ema-decay`), when it kept one
 
 
 def _proc_umask() -> int | None:
@@ -258,20 +259,36 @@ class PretrainedMixin:
     pretrained_dir: Path | None = None
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write `config.json` and `model.safetensors` into directory (atomically, file by file)."""
+        """Write `config.json` and `model.safetensors` into directory (atomically, file by file); a weight average
+        left there by an earlier model is removed, so it cannot be loaded in place of these weights."""
         save_model_dir(directory, self.checkpoint_kind, self.config.to_dict(), self.state_dict())
+        (Path(directory) / EMA_NAME).unlink(missing_ok=True)
         self.pretrained_dir = Path(directory)
 
     @classmethod
-    def from_pretrained(cls: type[M], directory: str | os.PathLike, device: str | torch.device = "cpu") -> M:
+    def from_pretrained(
+        cls: type[M],
+        directory: str | os.PathLike,
+        device: str | torch.device = "cpu",
+        ema: bool | None = None,
+    ) -> M:
         """Load a model written by `save_pretrained` (safetensors + JSON; nothing is unpickled), in eval mode.
 
         Args:
             directory: the folder holding config.json and model.safetensors.
             device: where to put the weights ("auto": CUDA when available).
+            ema: load the weight average `ema.safetensors` a training run with `--ema-decay` wrote beside the
+                weights: None (default) when it is there, True (required), False (the raw weights).
         """
         device = resolve_device(device)
         cfg, state = load_model_dir(directory, cls.checkpoint_kind, device)
+        ema_file = Path(directory) / EMA_NAME
+        if ema is True and not ema_file.is_file():
+            raise FileNotFoundError(
+                f"no weight average in {directory}: {EMA_NAME} is missing (train with --ema-decay)"
+            )
+        if ema is not False and ema_file.is_file():
+            state = load_tensors(ema_file, device)
         model = cls.build_checked(cls.config_from_file(cfg, Path(directory) / CONFIG_NAME), state, directory)
         model = model.to(device)
         model.load_state_dict(state)

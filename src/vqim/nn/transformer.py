@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from vqim.errors import InputError
@@ -192,6 +193,10 @@ class Transformer(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_dim, dropout, causal) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
+        # Activation checkpointing: in training, keep only each block's input and recompute the block in the
+        # backward pass (torch.utils.checkpoint, non-reentrant; dropout masks are replayed from the saved RNG
+        # state, so the gradients are those of the plain forward). Set by `--checkpoint-activations`.
+        self.checkpoint_activations = False
 
     def forward(
         self,
@@ -214,8 +219,14 @@ class Transformer(nn.Module):
             for blk, cache in zip(self._modules["blocks"], caches):
                 x = blk.forward(x, cache)
             return _norm(self._modules["norm"], x)
+        recompute = (
+            self.checkpoint_activations and self.training and caches is None and torch.is_grad_enabled()
+        )
         for i, blk in enumerate(self.blocks):
-            x = blk(x, None if caches is None else caches[i])
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x, None if caches is None else caches[i])
             if return_blocks is not None and i in return_blocks:
                 taps[i] = x
         x = self.norm(x)

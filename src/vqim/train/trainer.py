@@ -15,6 +15,7 @@ AdamW step reads a `found_inf` flag, as under a gradient scaler), so no process 
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import logging
 import math
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vqim.checkpoint import read_json, write_json
+from vqim.checkpoint import EMA_NAME, read_json, save_tensors, write_json
 from vqim.errors import InputError, check_settings
 from vqim.options import option
 from vqim.train import rundir
@@ -84,6 +85,12 @@ class TrainConfig:
             not given.
         max_nonfinite: stop after this many consecutive steps with a non-finite gradient (checked at logging
             steps).
+        grad_accum: micro-batches of --batch-size per optimizer step (gradients summed, DDP synchronised once):
+            the step of an N× larger batch with the memory of one.
+        ema_decay: keep an exponential moving average of the weights with this decay per optimizer step (0: off;
+            e.g. 0.999); saved as ema.safetensors beside model.safetensors, which from_pretrained then loads.
+        checkpoint_activations: recompute each Transformer block in the backward pass instead of keeping its
+            activations (less memory, about one more forward of compute).
     """
 
     out: str
@@ -107,17 +114,22 @@ class TrainConfig:
     max_minutes: float | None = None
     compile: str | None = option(None, metavar="MODE")
     max_nonfinite: int = 20
+    grad_accum: int = 1
+    ema_decay: float = 0.0
+    checkpoint_activations: bool = False
 
     def __post_init__(self) -> None:
         check_settings(
             self,
-            positive=("steps", "batch_size", "lr", "log_every", "ckpt_every", "max_nonfinite"),
+            positive=("steps", "batch_size", "lr", "log_every", "ckpt_every", "max_nonfinite", "grad_accum"),
             non_negative=("warmup_steps", "weight_decay", "grad_clip", "num_workers", "keep_checkpoints"),
         )
         if self.max_minutes is not None and not (self.max_minutes > 0):
             raise InputError(f"--max-minutes must be a positive number of minutes, got {self.max_minutes}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise InputError(f"--betas must be two numbers in [0, 1), got {' '.join(map(str, self.betas))}")
+        if not 0 <= self.ema_decay < 1:
+            raise InputError(f"--ema-decay must be in [0, 1) (0: no weight average), got {self.ema_decay}")
         if self.compile is not None and self.compile not in COMPILE_MODES:
             raise InputError(
                 f"--compile: unknown mode {self.compile!r}; choose one of {', '.join(COMPILE_MODES)}"
@@ -188,6 +200,42 @@ def nonfinite_flag(norm: torch.Tensor) -> torch.Tensor:
     return (~torch.isfinite(norm)).to(torch.float32).reshape(())
 
 
+class EMA:
+    """Exponential moving average of a model's parameters: shadow ← decay·shadow + (1 − decay)·weights.
+
+    One fused `_foreach_lerp_` per optimizer step; buffers are not averaged (the model's own are saved).
+
+    Args:
+        model: the unwrapped model whose parameters are averaged.
+        decay: weight of the old average per update.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.names, self.params = zip(*[(n, p) for n, p in model.named_parameters()], strict=True)
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - self.decay)
+
+    def tensors(self, prefix: str = "ema.") -> dict[str, torch.Tensor]:
+        return {prefix + n: t for n, t in zip(self.names, self.shadow, strict=True)}
+
+    def load(self, tensors: dict[str, torch.Tensor], prefix: str = "ema.") -> None:
+        missing = [n for n in self.names if prefix + n not in tensors]
+        if missing:
+            raise InputError(f"the checkpoint has no weight average for {', '.join(missing[:3])}")
+        for n, t in zip(self.names, self.shadow, strict=True):
+            t.copy_(tensors[prefix + n])
+
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The model's state dict with the averaged parameters in place of the current ones."""
+        sd = dict(model.state_dict())
+        sd.update(self.tensors(prefix=""))
+        return sd
+
+
 class Trainer(abc.ABC):
     """One training run. Subclasses implement the hooks below; `fit()` runs the loop.
 
@@ -200,7 +248,14 @@ class Trainer(abc.ABC):
     summary_file = "train_summary.json"
     warmup_fraction = 0.1
     # What a run writes into its folder (besides summary_file): how a folder holding a run is recognised.
-    outputs: tuple[str, ...] = ("train_config.json", "config.json", "model.safetensors", "checkpoints", "tb")
+    outputs: tuple[str, ...] = (
+        "train_config.json",
+        "config.json",
+        "model.safetensors",
+        EMA_NAME,
+        "checkpoints",
+        "tb",
+    )
     # Settings that define the model: a resumed run takes them from its checkpoint, so they must match.
     fixed_settings: tuple[str, ...] = ("preset", "model")
 
@@ -220,6 +275,7 @@ class Trainer(abc.ABC):
         self.skipped: set[str] = set()  # unreadable input files met so far
         self.counters: dict[str, int] = {"nonfinite_steps": 0}
         self.writer = None
+        self.ema: EMA | None = None
         # Called on every process at the end of a completed run with (unwrapped model, accelerator).
         self.on_end: Callable[[nn.Module, Any], None] | None = None
 
@@ -275,8 +331,14 @@ class Trainer(abc.ABC):
         """Write what describes the run besides train_config.json (e.g. the prior's tokens.json); main process."""
 
     def save_final(self) -> None:
-        """Write the final model into the output folder (main process)."""
+        """Write the final model into the output folder (main process), and its weight average if kept."""
         self.raw.save_pretrained(self.out)
+        if self.ema is not None:
+            save_tensors(
+                self.out / EMA_NAME,
+                self.ema.state_dict(self.raw),
+                metadata={"ema_decay": str(self.ema.decay)},
+            )
 
     # ------------------------------------------------------------------ the loop
     def no_decay(self, name: str, param: nn.Parameter) -> bool:
@@ -351,9 +413,24 @@ class Trainer(abc.ABC):
             self.skipped = set(meta.get("skipped", []))
             self.counters.update({k: int(v) for k, v in meta.get("counters", {}).items()})
             self.load_extra_state(tensors, meta)
+            if cfg.ema_decay > 0:
+                self.ema = EMA(model, cfg.ema_decay)
+                self.ema.load(tensors)
         else:
             torch.manual_seed(cfg.seed + 1000 * self.rank)  # per-process randomness (dropout, noise)
 
+        if cfg.ema_decay > 0 and self.ema is None:
+            self.ema = EMA(model, cfg.ema_decay)
+        if cfg.checkpoint_activations:
+            from vqim.nn.transformer import Transformer
+
+            stacks = [m for m in model.modules() if isinstance(m, Transformer)]
+            for m in stacks:
+                m.checkpoint_activations = True
+            if not stacks:
+                log.warning(
+                    "--checkpoint-activations: the model has no Transformer blocks; nothing to recompute"
+                )
         self.model, self.optimizer = acc.prepare(model, self.optimizer)
         self.raw = acc.unwrap_model(self.model)
         self.prepare_extra()
@@ -367,7 +444,8 @@ class Trainer(abc.ABC):
         self.writer = tensorboard(self.out, self.main)
         self.before_loop()
 
-        data = self.batches(self.step)
+        accum = cfg.grad_accum
+        data = self.batches(self.step * accum)  # the stream counts micro-batches
         bar = tqdm(
             total=cfg.steps, initial=self.step, disable=not (self.main and cfg.progress), desc=self.desc,
             dynamic_ncols=True,
@@ -380,16 +458,26 @@ class Trainer(abc.ABC):
         stop_reason: str | None = None
         start_step = self.step
         while self.step < cfg.steps:
-            batch = next(data)
-            self.skipped.update(batch.get("skipped", ()))
-            out = self.compute_loss(self.model, batch)
-            acc.backward(out.loss)
+            items, loss_sum = 0, None
+            for micro in range(accum):
+                batch = next(data)
+                self.skipped.update(batch.get("skipped", ()))
+                # Gradients are all-reduced on the last micro-batch only.
+                with acc.no_sync(self.model) if micro < accum - 1 else contextlib.nullcontext():
+                    out = self.compute_loss(self.model, batch)
+                    acc.backward(out.loss / accum if accum > 1 else out.loss)
+                items += out.items
+                loss_sum = out.loss.detach() if loss_sum is None else loss_sum + out.loss.detach()
+            if accum > 1:  # what is logged: the mean loss of the step's micro-batches
+                out.loss, out.items = loss_sum / accum, items
             norm, scale = self._clip()
             found_inf = nonfinite_flag(norm)
             optimizer_step(self.optimizer, found_inf, scale)
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
             self.after_update(out, batch, found_inf)
+            if self.ema is not None:
+                self.ema.update()
             bad_total += found_inf
             bad_run = (bad_run + 1) * found_inf
             self.step += 1
@@ -454,6 +542,8 @@ class Trainer(abc.ABC):
     def checkpoint(self) -> None:
         """Write a complete checkpoint of the run at the current step (all processes take part)."""
         tensors, meta = self.extra_state()
+        if self.ema is not None:
+            tensors = {**tensors, **self.ema.tensors()}
         meta = {
             **meta,
             "skipped": sorted(self.skipped),
