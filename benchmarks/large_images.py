@@ -10,7 +10,7 @@ image folder; a training run draws random 32×32 crops from it. Measured for eac
   resized pixels.
 
 Each row gives seconds per crop over `--crops` crops and the process's peak resident memory growth while it ran
-(ru_maxrss, so rows are run in separate child processes). The ratio full/dataset is the speed-up in one run.
+(VmHWM, each row in its own child process). The ratio full/dataset is the speed-up in one run.
 Usage:
     python benchmarks/large_images.py [--side 12000] [--crops 32]
 """
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -39,15 +38,25 @@ def _make(side: int, folder: Path) -> dict[str, Path]:
         d = folder / fmt
         d.mkdir()
         Image.MAX_IMAGE_PIXELS = None
-        Image.fromarray(img).save(d / f"big.{fmt}", **({"quality": 90} if fmt == "jpg" else {"compress_level": 1}))
+        Image.fromarray(img).save(
+            d / f"big.{fmt}", **({"quality": 90} if fmt == "jpg" else {"compress_level": 1})
+        )
         paths[fmt] = d
     return paths
+
+
+def _hwm_mb() -> float:
+    """Peak resident memory of this process (VmHWM: unlike ru_maxrss, not inherited across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def _run(mode: str, folder: str, crops: int, queue) -> None:
     import vqim.data as data
 
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = _hwm_mb()
     ds = data.ImageFolderDataset(folder, 32, train=True)
     t = time.perf_counter()
     for i in range(crops):
@@ -60,8 +69,9 @@ def _run(mode: str, folder: str, crops: int, queue) -> None:
         else:
             ds[(0, i)]
     seconds = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    queue.put({"seconds_per_crop": round(seconds / crops, 4), "peak_rss_growth_mb": round((peak - base) / 1024, 1)})
+    queue.put(
+        {"seconds_per_crop": round(seconds / crops, 4), "peak_rss_growth_mb": round(_hwm_mb() - base, 1)}
+    )
 
 
 def main() -> None:
@@ -82,7 +92,9 @@ def main() -> None:
                 p.start()
                 row[mode] = q.get()
                 p.join()
-            row["speedup"] = round(row["full_decode"]["seconds_per_crop"] / row["dataset"]["seconds_per_crop"], 1)
+            row["speedup"] = round(
+                row["full_decode"]["seconds_per_crop"] / row["dataset"]["seconds_per_crop"], 1
+            )
             out["rows"][fmt] = row
     print(json.dumps(out, indent=2))
 

@@ -7,6 +7,7 @@ type, default and help are declared once, beside the code that uses it:
     train-prior       vqim.train.prior.PriorTrainConfig
     reconstruct       vqim.evaluate.ReconstructConfig     eval-tokenizer   vqim.evaluate.EvalTokenizerConfig
     eval-prior        vqim.evaluate.EvalPriorConfig       probe            vqim.evaluate.ProbeConfig
+    eval-samples      vqim.genmetrics.EvalSamplesConfig
     encode / decode   vqim.tokens.EncodeConfig / DecodeConfig
     sample / complete vqim.samples.SampleConfig / CompleteConfig (sampling settings: vqim.config.SamplingConfig)
     ablate            vqim.ablate.AblationConfig          demo             vqim.demo.run_demo's parameters
@@ -136,6 +137,12 @@ def cmd_eval_prior(a: argparse.Namespace) -> None:
     _print_json(evaluate_prior(build(EvalPriorConfig, a)))
 
 
+def cmd_eval_samples(a: argparse.Namespace) -> None:
+    from vqim.genmetrics import EvalSamplesConfig, evaluate_samples
+
+    _print_json(evaluate_samples(build(EvalSamplesConfig, a)))
+
+
 def cmd_probe(a: argparse.Namespace) -> None:
     from vqim.evaluate import ProbeConfig, linear_probe
 
@@ -202,6 +209,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
                  _options("vqim.samples", "CompleteConfig"), cmd_complete),
     "eval-prior": ("bits per token on held-out tokens; sample accuracy on digits",
                    _options("vqim.evaluate", "EvalPriorConfig"), cmd_eval_prior),
+    "eval-samples": ("FID, Inception Score, precision and recall of generated samples as JSON",
+                     _options("vqim.genmetrics", "EvalSamplesConfig"), cmd_eval_samples),
     "probe": ("linear probe on the frozen prior's block features", _options("vqim.evaluate", "ProbeConfig"),
               cmd_probe),
     "ablate": ("the ViT-VQGAN ablation study: train + evaluate every variant, table and plots",
