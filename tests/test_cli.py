@@ -234,7 +234,11 @@ def test_help_shows_defaults_choices_and_todays_flag_forms(capsys):
     prior = " ".join(commands["train-prior"].format_help().split())
     assert "{" + ",".join(prior_presets()) + "}" in prior and "--class-dropout" in prior
     sample = " ".join(commands["sample"].format_help().split())
-    assert "generated as one batch" in sample and "--cfg-scale" in sample
+    assert (
+        "balanced over the classes" in sample
+        and "--per-class PER_CLASS" in sample
+        and "--cfg-scale" in sample
+    )
     ev = " ".join(commands["eval-prior"].format_help().split())
     assert "--val-every VAL_EVERY score only the held-out sequences" in ev and "--top-k" in ev
     assert "--set KEY=VALUE [KEY=VALUE ...]" in " ".join(commands["ablate"].format_help().split())

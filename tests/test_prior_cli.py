@@ -118,12 +118,12 @@ def test_prior_cli_end_to_end(tmp_path, tokenizer_dir, token_dir, capsys):
 
     # Sample: a grid with a row per class and single PNGs; deterministic with a seed.
     s1, s2 = tmp_path / "s1", tmp_path / "s2"
-    args = ["sample", "--prior", str(run), "--tokenizer", str(tokenizer_dir), "--classes", "0,3,7", "--n", "2",
+    args = ["sample", "--prior", str(run), "--tokenizer", str(tokenizer_dir), "--classes", "0,3,7", "--per-class", "2",
             "--top-k", "10", "--cfg-scale", "1.5", "--seed", "5"]  # fmt: skip
     res = json.loads(_run([*args, "--out", str(s1)], capsys))
     _run([*args, "--out", str(s2)], capsys)
     assert res["images"] == 6 and res["classes"] == [0, 3, 7]
-    assert (s1 / "grid.png").is_file() and (s1 / "class3_0002.png").is_file()
+    assert (s1 / "grid.png").is_file() and (s1 / "class3_0004.png").is_file()
     assert np.array_equal(np.asarray(Image.open(s1 / "grid.png")), np.asarray(Image.open(s2 / "grid.png")))
 
     # Evaluate: bits per token of the held-out split (every 20th sequence, as train-prior held it out) equal the

@@ -49,7 +49,7 @@ def pair(tmp_path_factory):
 
 
 def _sample(prior_dir: Path, tok: Path, out: Path) -> list[str]:
-    main(["sample", "--prior", str(prior_dir), "--tokenizer", str(tok), "--out", str(out), "--n", "1",
+    main(["sample", "--prior", str(prior_dir), "--tokenizer", str(tok), "--out", str(out), "--per-class", "1",
           "--classes", "0,1", "--device", "cpu"])  # fmt: skip
     return sorted(p.name for p in out.iterdir())
 
@@ -73,7 +73,12 @@ def test_sampling_through_another_tokenizer_of_the_same_config_is_refused(pair, 
     assert "trained on tokens of tokenizer" in err[0] and "other weights" in err[0]
     assert str(prior_dir) in err[0] and str(b) in err[0]  # names both folders
     assert not (tmp_path / "s_b").exists()
-    assert _sample(prior_dir, a, tmp_path / "s_a") == ["class0_0000.png", "class1_0001.png", "grid.png"]
+    assert _sample(prior_dir, a, tmp_path / "s_a") == [
+        "class0_0000.png",
+        "class1_0001.png",
+        "grid.png",
+        "samples.json",
+    ]
 
 
 def test_eval_prior_and_decode_refuse_tokens_of_another_tokenizer(pair, tmp_path, capsys):

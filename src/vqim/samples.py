@@ -2,8 +2,14 @@
 
 The prior and tokenizer are loaded together and checked (`vqim.prior.load_prior_and_tokenizer`).
 
-`sample`: `n` images are generated per class as one batch (or `n` in all for an unconditional prior), and
-written as one grid (a row per class) plus one PNG per image. With `--condition IMAGE...` (a spatially
+`sample`: `--n` images in all (or `--per-class` per class), balanced over the classes of a class-conditional prior
+(sample i takes class classes[i mod C]), generated in batches of `--batch-size` and written one PNG per image as
+each batch is done, then a grid (a row per class) and optionally one `samples.npz`. Sample i's randomness comes
+from its own seed `row_seed(seed, i)` (`vqim.sampling`), so the images do not depend on the batch size or the
+number of processes: an interrupted run started again skips the images already written (resuming without
+repeating or skipping a sample), a larger `--n` adds images to a folder, and under `accelerate launch` each
+process samples its share of the missing indices into the same folder. `samples.json` records the settings; a
+folder holding samples of other settings is refused. With `--condition IMAGE...` (a spatially
 conditioned prior), each image gives a condition (derived from it for the built-in conditions, or the image
 itself), encoded by the condition tokenizer; `n` samples are drawn for it and written beside it: a grid row
 [condition | samples...] per image. `--grid HxW` / `--image-size HxW` sample a canvas larger than the training
@@ -15,6 +21,7 @@ sampled in raster order: a grid row [original | kept part | completions...] per 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,8 +105,13 @@ class SampleConfig:
         out: folder for grid.png and one PNG per image.
         classes: comma-separated class ids of a class-conditional prior (default: every class); with
             --condition, the k-th condition image takes the k-th class (cycling through the list).
-        n: images per class (unconditional: in all), generated as one batch; with --condition, samples per
+        n: images in all, balanced over the classes (default: 8, or 8 per class); with --condition, samples per
             condition image.
+        per_class: images per class of a class-conditional prior, instead of --n.
+        batch_size: images generated at once (the images do not depend on it).
+        npz: also write samples.npz: uint8 images arr_0 (N, H, W, 3) and class ids arr_1 (the layout of common
+            FID tools).
+        progress: show a progress bar.
         sampling: sampling settings.
         device: cpu, cuda, or auto (cuda when available).
         condition: images giving the spatial condition of a spatially conditioned prior: photos from which the
@@ -115,7 +127,11 @@ class SampleConfig:
     tokenizer: str
     out: str
     classes: str | None = None
-    n: int = 8
+    n: int | None = None
+    per_class: int | None = None
+    batch_size: int = 64
+    npz: bool = option(False, negatable=False)
+    progress: bool = True
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     device: str = "auto"
     condition: list[str] | None = option(None, metavar="IMAGE")
@@ -126,7 +142,9 @@ class SampleConfig:
 
     def __post_init__(self) -> None:
         check_output(self.out)
-        check_settings(self, positive=("n",))
+        check_settings(self, positive=("n", "per_class", "batch_size"))
+        if self.n is not None and self.per_class is not None:
+            raise InputError("give --n (images in all) or --per-class (images per class), not both")
 
 
 def canvas_grid(cfg_grid: str | None, cfg_image_size: str | None, prior: Any, tok: Any) -> tuple[int, int]:
@@ -146,20 +164,33 @@ def _load_pair(cfg: SampleConfig | CompleteConfig) -> tuple[Any, Any, torch.devi
     """Check cfg.n, then load the prior and its tokenizer (checked together) on cfg.device."""
     from vqim.prior import load_prior_and_tokenizer
 
-    if cfg.n < 1:
-        raise InputError(f"n must be at least 1, got {cfg.n}")
+    if cfg.n is not None and cfg.n < 1:
+        raise InputError(f"--n must be at least 1, got {cfg.n}")
     device = resolve_device(cfg.device)
     prior, tok = load_prior_and_tokenizer(cfg.prior, cfg.tokenizer, device)
     return prior, tok, device
 
 
+SAMPLES_RECORD = "samples.json"
+GRID_LIMIT = 256  # grid.png shows every image up to this many
+
+
+def sample_name(index: int, label: int | None, width: int) -> str:
+    """File name of sample `index` (zero-padded to width digits), with its class."""
+    return f"class{label}_{index:0{width}d}.png" if label is not None else f"{index:0{width}d}.png"
+
+
 @torch.no_grad()
 def sample_to_folder(cfg: SampleConfig) -> dict[str, Any]:
-    """Generate cfg.n images per class and write grid.png and single PNGs; returns what was written."""
-    from torchvision.utils import make_grid, save_image
+    """Generate the images cfg asks for into cfg.out (resumable, any number of processes); returns a summary.
 
-    from vqim.sampling import generate_images
+    See the module docstring. On several processes (`accelerate launch`), every process must call this.
+    """
+    from accelerate import PartialState
 
+    state = PartialState()
+    if state.num_processes > 1 and cfg.device == "auto":
+        cfg = dataclasses.replace(cfg, device=str(state.device))
     prior, tok, device = _load_pair(cfg)
     grid = canvas_grid(cfg.grid, cfg.image_size, prior, tok)
     if prior.config.spatial or cfg.condition:
@@ -168,23 +199,142 @@ def sample_to_folder(cfg: SampleConfig) -> dict[str, Any]:
         raise InputError(
             "--condition-tokenizer is for a spatially conditioned prior, with --condition images"
         )
-    kw = {**cfg.sampling.kwargs(), "grid": grid}
     classes = class_list(cfg.classes, prior.config.num_classes)
-    if classes is None:
-        images = generate_images(tok, prior, cfg.n, **kw).cpu()
-        nrow = min(8, cfg.n)
-    else:
-        labels = torch.tensor([c for c in classes for _ in range(cfg.n)], device=device)
-        images = generate_images(tok, prior, len(labels), labels=labels, **kw).cpu()
-        nrow = cfg.n
+    if cfg.per_class is not None and classes is None:
+        raise InputError("--per-class is for a class-conditional prior; give --n for an unconditional one")
+    n = cfg.n if cfg.n is not None else (cfg.per_class or 8) * (len(classes) if classes else 1)
+    labels = [classes[i % len(classes)] for i in range(n)] if classes else [None] * n
+    width = max(4, len(str(n - 1)))
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    grid = make_grid(images, nrow=nrow, padding=2)
-    atomic_write(out / "grid.png", lambda tmp: save_image(grid, tmp, format="png"))
-    for i, im in enumerate(images):
-        tag = f"class{classes[i // cfg.n]}_" if classes is not None else ""
-        atomic_write(out / f"{tag}{i:04d}.png", lambda tmp, im=im: save_image(im, tmp, format="png"))
-    return {"images": len(images), "grid": str(out / "grid.png"), "classes": classes}
+    kw = cfg.sampling.kwargs()
+    seed = kw.pop("seed")
+    record = {
+        "format": "vqim-samples/1", "prior_id": prior.fingerprint(), "tokenizer_id": tok.fingerprint(),
+        "sampling": cfg.sampling.kwargs(), "grid": list(grid), "classes": classes, "name_width": width,
+    }  # fmt: skip
+    if state.is_main_process:
+        _check_sample_folder(out, record)
+        from vqim.checkpoint import write_json
+
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / SAMPLES_RECORD, {**record, "n": n, "complete": False})
+    state.wait_for_everyone()
+    paths = [out / sample_name(i, labels[i], width) for i in range(n)]
+    missing = [i for i in range(n) if not paths[i].is_file()]
+    state.wait_for_everyone()  # every process has the same list before any writes a file
+    mine = missing[state.process_index :: state.num_processes]
+    _write_samples(prior, tok, mine, labels, paths, seed, kw, grid, device, cfg, state)
+    state.wait_for_everyone()
+    result = {"images": n, "written": len(missing), "resumed": n - len(missing), "classes": classes,
+              "grid": None, "npz": None, "out": str(out)}  # fmt: skip
+    if state.is_main_process:
+        from vqim.checkpoint import write_json
+
+        if n <= GRID_LIMIT:
+            result["grid"] = str(_write_grid(out / "grid.png", paths, labels, classes))
+        if cfg.npz:
+            result["npz"] = str(write_npz(out / "samples.npz", paths, labels))
+        write_json(out / SAMPLES_RECORD, {**record, "n": n, "complete": True})
+    return result
+
+
+def _check_sample_folder(out: Path, record: dict[str, Any]) -> None:
+    """Refuse an output folder holding samples of other settings, or images vqim did not write there."""
+    from vqim.checkpoint import read_json_object
+
+    found = out / SAMPLES_RECORD
+    if found.is_file():
+        saved = read_json_object(found, "samples record")
+        diffs = [k for k in record if k != "name_width" and saved.get(k) != json_roundtrip(record[k])]
+        if diffs:
+            listed = "; ".join(
+                f"{k}: saved {saved.get(k)!r}, now {json_roundtrip(record[k])!r}" for k in diffs
+            )
+            raise InputError(
+                f"--out {out} holds samples of other settings ({listed}): choose another --out, or give the saved "
+                f"settings to add to or complete those samples"
+            )
+        if saved.get("name_width") != record["name_width"]:
+            raise InputError(
+                f"--out {out}: its samples are named with {saved.get('name_width')} digits; --n needs "
+                f"{record['name_width']}: choose another --out"
+            )
+    elif out.is_dir() and any(p.suffix.lower() == ".png" for p in out.iterdir()):
+        raise InputError(
+            f"--out {out} holds images that vqim sample did not write ({SAMPLES_RECORD} is missing)"
+        )
+
+
+def json_roundtrip(value: Any) -> Any:
+    import json
+
+    return json.loads(json.dumps(value))
+
+
+def _write_samples(prior, tok, indices, labels, paths, seed, kw, grid, device, cfg, state) -> None:
+    """Generate the samples `indices` in batches of cfg.batch_size; write each PNG atomically when its batch is done."""
+    from torchvision.utils import save_image
+    from tqdm.auto import tqdm
+
+    from vqim.sampling import generate_images, row_seed
+
+    bar = tqdm(total=len(indices), disable=not (cfg.progress and state.is_main_process), desc="sample",
+               dynamic_ncols=True)  # fmt: skip
+    for start in range(0, len(indices), cfg.batch_size):
+        chunk = indices[start : start + cfg.batch_size]
+        lab = None if labels[chunk[0]] is None else torch.tensor([labels[i] for i in chunk], device=device)
+        seeds = [row_seed(seed, i) for i in chunk]
+        images = generate_images(tok, prior, len(chunk), labels=lab, grid=grid, row_seeds=seeds, **kw).cpu()
+        for i, im in zip(chunk, images, strict=True):
+            atomic_write(paths[i], lambda tmp, im=im: save_image(im, tmp, format="png"))
+        bar.update(len(chunk))
+    bar.close()
+
+
+def _write_grid(path: Path, paths: list[Path], labels: list[int | None], classes: list[int] | None) -> Path:
+    """One grid of every sample read back from its PNG: a row per class (in the --classes order), else rows of 8."""
+    from PIL import Image
+    from torchvision.utils import make_grid, save_image
+
+    order = list(range(len(paths)))
+    nrow = min(8, len(paths))
+    if classes:
+        rank = {c: k for k, c in enumerate(classes)}
+        order.sort(key=lambda i: (rank[labels[i]], i))
+        nrow = max(sum(1 for lab in labels if lab == c) for c in classes)
+    images = torch.stack([torch.from_numpy(np.array(Image.open(paths[i]).convert("RGB"))).permute(2, 0, 1)
+                          for i in order]).float() / 255  # fmt: skip
+    g = make_grid(images, nrow=nrow, padding=2)
+    atomic_write(path, lambda tmp: save_image(g, tmp, format="png"))
+    return path
+
+
+def write_npz(path: Path, paths: list[Path], labels: list[int | None]) -> Path:
+    """samples.npz with arr_0 = uint8 images (N, H, W, 3) streamed from the PNGs (never all in memory) and
+    arr_1 = class ids (N,) (-1: unconditional), written atomically."""
+    import zipfile
+
+    from PIL import Image
+
+    first = np.asarray(Image.open(paths[0]).convert("RGB"))
+
+    def write(tmp: str) -> None:
+        with zipfile.ZipFile(tmp, "w", allowZip64=True) as zf:
+            with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+                header = {"descr": "|u1", "fortran_order": False, "shape": (len(paths), *first.shape)}
+                np.lib.format.write_array_header_2_0(f, header)
+                for p in paths:
+                    arr = np.asarray(Image.open(p).convert("RGB"), dtype=np.uint8)
+                    if arr.shape != first.shape:
+                        raise InputError(f"{p}: {arr.shape} differs from the other samples' {first.shape}")
+                    f.write(arr.tobytes())
+            with zf.open("arr_1.npy", "w") as f:
+                np.lib.format.write_array(
+                    f, np.array([-1 if v is None else v for v in labels], dtype=np.int64)
+                )
+
+    atomic_write(path, write)
+    return path
 
 
 def load_condition_tokenizer(
@@ -238,6 +388,8 @@ def _sample_conditioned(cfg: SampleConfig, prior: Any, tok: Any, grid: tuple[int
 
     from vqim.sampling import generate_images
 
+    per = cfg.n if cfg.n is not None else 8  # samples per condition image
+
     if not cfg.condition:
         raise InputError(
             f"the prior in {cfg.prior} is spatially conditioned: pass --condition IMAGE... (and --condition-tokenizer)"
@@ -256,9 +408,9 @@ def _sample_conditioned(cfg: SampleConfig, prior: Any, tok: Any, grid: tuple[int
             image = load_image(path, size)  # a full-size photo: the condition is derived from it
         ctokens = condition_tokens(image[None], cond, ctok, size, cfg.condition_given)  # (1, hc, wc)
         shown = image[None] if cfg.condition_given or cond is None else cond.from_input(image[None], size)
-        labels = None if classes is None else torch.full((cfg.n,), classes[k % len(classes)], device=device)
+        labels = None if classes is None else torch.full((per,), classes[k % len(classes)], device=device)
         images = generate_images(
-            tok, prior, cfg.n, labels=labels, condition=ctokens[0], grid=grid, **cfg.sampling.kwargs()
+            tok, prior, per, labels=labels, condition=ctokens[0], grid=grid, **cfg.sampling.kwargs()
         ).cpu()
         stem = f"cond{k:03d}"
         _save(out / f"{stem}_condition.png", shown[0].clamp(0, 1))
@@ -266,7 +418,7 @@ def _sample_conditioned(cfg: SampleConfig, prior: Any, tok: Any, grid: tuple[int
             _save(out / f"{stem}_{i:04d}.png", im)
         written += len(images)
         rows.append(torch.cat([shown.clamp(0, 1), images]))
-    _save(out / "grid.png", make_grid(torch.cat(rows), nrow=cfg.n + 1, padding=2))
+    _save(out / "grid.png", make_grid(torch.cat(rows), nrow=per + 1, padding=2))
     return {
         "images": written,
         "conditions": len(cfg.condition),

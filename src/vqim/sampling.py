@@ -54,6 +54,7 @@ def sample_logits(
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
+    uniform: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Draw one id per row from logits (B, V); returns a LongTensor (B,).
 
@@ -67,6 +68,9 @@ def sample_logits(
         top_k: keep only the k highest logits (None = all); top_k = 1 is greedy.
         top_p: nucleus mass in (0, 1] (None or 1 = no nucleus filtering).
         generator: random source (None = torch's global generator); must live on the logits' device.
+        uniform: instead of a generator, one number in [0, 1) per row (B,): row b takes the id where the
+            cumulative probability passes uniform[b] (inverse-CDF sampling, the same distribution), so each
+            row's draw depends on its own number only, not on the other rows of the batch.
     """
     if temperature == 0.0 or top_k == 1:
         return logits.argmax(dim=-1)
@@ -83,10 +87,31 @@ def sample_logits(
         # Drop a candidate when the mass of the (more likely) candidates before it already reaches top_p.
         before = probs.cumsum(dim=-1) - probs
         logits = logits.masked_fill(before >= top_p, float("-inf"))
-    choice = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)  # (B, 1)
+    probs = logits.softmax(dim=-1)
+    if uniform is None:
+        choice = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+    else:
+        cdf = probs.cumsum(dim=-1)
+        u = uniform.to(cdf.device, cdf.dtype).reshape(-1, 1) * cdf[:, -1:]  # the sum is 1 up to rounding
+        choice = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)
     if ids is not None:
         choice = ids.gather(-1, choice)
     return choice.squeeze(-1)
+
+
+def row_seed(seed: int, index: int) -> int:
+    """The random seed of sample `index` of a run seeded `seed` (independent streams, any batch layout)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def row_uniforms(seeds: Any, steps: int, device: Any) -> torch.Tensor:
+    """(len(seeds), steps) numbers in [0, 1): row r from its own generator seeded seeds[r]."""
+    rows = [
+        torch.rand(steps, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64) for s in seeds
+    ]
+    return torch.stack(rows).to(device)
 
 
 def window_origin(i: int, j: int, canvas: tuple[int, int], grid: tuple[int, int]) -> tuple[int, int]:
@@ -214,6 +239,7 @@ def generate(
     keep: torch.Tensor | None = None,
     grid: tuple[int, int] | None = None,
     num_tokens: int | None = None,
+    row_seeds: list[int] | None = None,
 ) -> torch.Tensor:
     """Sample token grids from a prior in raster order with the KV cache (prefill, then one token per step).
 
@@ -241,12 +267,15 @@ def generate(
         keep: bool mask (H, W) or (n, H, W) of the known tokens to keep.
         grid: canvas (H, W) in tokens, at least the training grid in each dimension (None = the training grid).
         num_tokens: stop after this many raster-order tokens and return (n, num_tokens) (for benchmarks).
+        row_seeds: one seed per sample, instead of `seed`: each sample draws from its own stream (inverse-CDF,
+            see `sample_logits`), so it is the same whatever batch it is drawn in (`row_seed(seed, index)` gives
+            the seeds of a run's samples).
 
     Returns:
         LongTensor (n, H, W) of token ids on the prior's device (or (n, num_tokens), see above).
     """
     return _sample(prior, n, labels, temperature, top_k, top_p, cfg_scale, seed, condition, prefix, known, keep,
-                   grid, num_tokens, cache=True)  # fmt: skip
+                   grid, num_tokens, cache=True, row_seeds=row_seeds)  # fmt: skip
 
 
 def generate_recompute(
@@ -266,11 +295,13 @@ def generate_recompute(
     The slow reference: with the same seed it draws the same random numbers in the same order as `generate`,
     so the two agree token for token up to floating-point ties. Arguments as in `generate`.
     """
-    kw = {k: kwargs.pop(k, None) for k in ("condition", "prefix", "known", "keep", "grid", "num_tokens")}
+    names = ("condition", "prefix", "known", "keep", "grid", "num_tokens", "row_seeds")
+    kw = {k: kwargs.pop(k, None) for k in names}
     if kwargs:
         raise TypeError(f"unexpected arguments {sorted(kwargs)}")
     return _sample(prior, n, labels, temperature, top_k, top_p, cfg_scale, seed, kw["condition"], kw["prefix"],
-                   kw["known"], kw["keep"], kw["grid"], kw["num_tokens"], cache=False)  # fmt: skip
+                   kw["known"], kw["keep"], kw["grid"], kw["num_tokens"], cache=False,
+                   row_seeds=kw["row_seeds"])  # fmt: skip
 
 
 @torch.no_grad()
@@ -290,6 +321,7 @@ def _sample(
     grid: Any,
     num_tokens: int | None,
     cache: bool,
+    row_seeds: Any = None,
 ) -> torch.Tensor:
     cfg = prior.config
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -314,6 +346,13 @@ def _sample(
         rows = 2 * n
     device = prior.device
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    uniforms = None
+    if row_seeds is not None:
+        if len(row_seeds) != n:
+            raise InputError(f"row_seeds needs one seed per sample ({n}), got {len(row_seeds)}")
+        uniforms = row_uniforms(
+            row_seeds, total, device
+        )  # (n, total): sample r's draws, position by position
     sliding = canvas != (h, w)
 
     out = torch.empty(n, total, dtype=torch.long, device=device)  # sampled ids, filled position by position
@@ -370,7 +409,8 @@ def _sample(
                 if guided:
                     c_, u = logits[:n], logits[n:]
                     logits = u + cfg_scale * (c_ - u)
-                tok = sample_logits(logits, temperature, top_k, top_p, generator)  # (n,)
+                u = None if uniforms is None else uniforms[:, p]
+                tok = sample_logits(logits, temperature, top_k, top_p, generator, u)  # (n,)
                 if fixed is not None and any_kept[p]:
                     tok = torch.where(kept[:, p], given[:, p], tok)
                 out[:, p] = tok
@@ -406,7 +446,7 @@ def generate_images(
             f"prior (vocabulary {pcfg.vocab_size}, grid {tuple(pcfg.grid_size)}): use the tokenizer whose tokens "
             "the prior was trained on"
         )
-    allowed = "temperature top_k top_p cfg_scale seed condition prefix known keep grid".split()
+    allowed = "temperature top_k top_p cfg_scale seed condition prefix known keep grid row_seeds".split()
     bad = sorted(set(sampling_kwargs) - set(allowed))
     if bad:
         raise InputError(f"unknown sampling arguments {bad}; use {', '.join(allowed)}")
@@ -415,6 +455,7 @@ def generate_images(
 
 
 __all__ = [
+    "row_seed",
     "check_sampling_args",
     "generate",
     "generate_images",
