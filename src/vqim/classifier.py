@@ -40,6 +40,15 @@ class SampleClassifier:
     def predict(self, images: torch.Tensor) -> np.ndarray:
         return self.model.predict(features(images.cpu()))
 
+    @property
+    def classes(self) -> np.ndarray:
+        """The class ids, in the order of `probabilities`' columns."""
+        return self.model.classes_
+
+    def probabilities(self, images: torch.Tensor) -> np.ndarray:
+        """(B, C) class probabilities of images (B, 3, H, W) in [0, 1]."""
+        return self.model.predict_proba(features(images.cpu()))
+
     def accuracy_per_class(self, images: torch.Tensor, labels: np.ndarray) -> dict[int, float]:
         pred = self.predict(images)
         return {int(c): float((pred[labels == c] == c).mean()) for c in np.unique(labels)}

@@ -7,7 +7,7 @@ type, default and help are declared once, beside the code that uses it:
     train-prior       vqim.train.prior.PriorTrainConfig
     reconstruct       vqim.evaluate.ReconstructConfig     eval-tokenizer   vqim.evaluate.EvalTokenizerConfig
     eval-prior        vqim.evaluate.EvalPriorConfig       probe            vqim.evaluate.ProbeConfig
-    eval-samples      vqim.genmetrics.EvalSamplesConfig
+    eval-samples      vqim.genmetrics.EvalSamplesConfig   reject           vqim.rejection.RejectConfig
     encode / decode   vqim.tokens.EncodeConfig / DecodeConfig
     sample / complete vqim.samples.SampleConfig / CompleteConfig (sampling settings: vqim.config.SamplingConfig)
     ablate            vqim.ablate.AblationConfig          demo             vqim.demo.run_demo's parameters
@@ -143,6 +143,12 @@ def cmd_eval_samples(a: argparse.Namespace) -> None:
     _print_json(evaluate_samples(build(EvalSamplesConfig, a)))
 
 
+def cmd_reject(a: argparse.Namespace) -> None:
+    from vqim.rejection import RejectConfig, reject
+
+    _print_json(reject(build(RejectConfig, a)))
+
+
 def cmd_probe(a: argparse.Namespace) -> None:
     from vqim.evaluate import ProbeConfig, linear_probe
 
@@ -211,6 +217,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
                    _options("vqim.evaluate", "EvalPriorConfig"), cmd_eval_prior),
     "eval-samples": ("FID, Inception Score, precision and recall of generated samples as JSON",
                      _options("vqim.genmetrics", "EvalSamplesConfig"), cmd_eval_samples),
+    "reject": ("classifier rejection of class-conditional samples at an acceptance rate, metrics before and after",
+               _options("vqim.rejection", "RejectConfig"), cmd_reject),
     "probe": ("linear probe on the frozen prior's block features", _options("vqim.evaluate", "ProbeConfig"),
               cmd_probe),
     "ablate": ("the ViT-VQGAN ablation study: train + evaluate every variant, table and plots",
