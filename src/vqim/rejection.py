@@ -104,12 +104,18 @@ def torchvision_classifier(path: str, arch: str, num_classes: int, device: Any) 
     except ValueError as e:
         raise InputError(f"--arch {arch!r}: not a torchvision model ({e})") from None
     state = load_weights(path, "--classifier")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(want) - set(state))
+    extra = sorted(set(state) - set(want))
+    shapes = sorted(k for k in want if k in state and tuple(state[k].shape) != want[k])
+    if missing or extra or shapes:
+        example = (missing or extra or shapes)[0]
         raise InputError(
-            f"--classifier {path}: does not fit --arch {arch} with {num_classes} classes ({e})"
-        ) from None
+            f"--classifier {path} does not fit --arch {arch} with {num_classes} classes ({len(missing)} tensors "
+            f"missing, {len(extra)} unexpected, {len(shapes)} of another shape, e.g. {example}): give the --arch and "
+            f"--num-classes the weights were trained with"
+        )
+    model.load_state_dict(state)
     return model.to(device).eval()
 
 
