@@ -94,3 +94,64 @@ def test_two_process_evaluation_equals_one_process(tmp_path):
             assert two[k] == pytest.approx(v, rel=1e-5), k
         else:
             assert two[k] == v, k
+
+
+def _two_processes(port: int) -> list[str]:
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    return [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+            "no", "--dynamo_backend", "no", "--main_process_port", str(port), "-m", "vqim.cli"]  # fmt: skip
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists(),
+                    reason="accelerate CLI not installed")  # fmt: skip
+def test_two_process_encode_and_prior_training_equal_one_process(tmp_path):
+    """`vqim encode` on 2 processes writes one token folder with the sequences of a 1-process run, in order; a
+    prior trained on 2 processes ends with the weights of 1 process at the same global batch."""
+    import json
+
+    from PIL import Image
+
+    from vqim import Tokenizer
+    from vqim.tokens import TokenDataset
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "images"
+    for c in ("a", "b"):
+        (folder / c).mkdir(parents=True)
+        for i in range(7):  # 14 images: unequal shares of 2 shards each with --shard-size 4
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / c / f"{i}.png")
+    (folder / "a" / "broken.png").write_bytes(b"not a png")
+    torch.manual_seed(0)
+    Tokenizer.from_preset("vit-vqgan-tiny", image_size=32, codebook_size=64).save_pretrained(tmp_path / "tok")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    vqim = str(Path(sys.executable).parent / "vqim")
+    enc = ["encode", "--tokenizer", str(tmp_path / "tok"), "--data", str(folder), "--shard-size", "4",
+           "--batch-size", "3", "--no-progress"]  # fmt: skip
+    _launch([*_two_processes(29531), *enc, "--out", str(tmp_path / "tok2")], env)
+    _launch([vqim, *enc, "--out", str(tmp_path / "tok1")], env)
+    m1 = json.loads((tmp_path / "tok1" / "manifest.json").read_text())
+    m2 = json.loads((tmp_path / "tok2" / "manifest.json").read_text())
+    assert m1["count"] == m2["count"] == 14 and m1["skipped_files"] == m2["skipped_files"] == 1
+    assert m1["tokenizer_id"] == m2["tokenizer_id"] and m2["class_names"] == ["a", "b"]
+    names = [s["tokens"] for s in m2["shards"]]
+    assert len(set(names)) == len(names) and all(
+        n.startswith(("tokens-p000-", "tokens-p001-")) for n in names
+    )
+    d1, d2 = TokenDataset(tmp_path / "tok1"), TokenDataset(tmp_path / "tok2")
+    for i in range(14):
+        a, b = d1[i], d2[i]
+        assert torch.equal(a["tokens"], b["tokens"]) and a["label"] == b["label"], i
+
+    train = ["train-prior", "--tokens", str(tmp_path / "tok1"), "--preset", "vim-tiny", "--steps", "3",
+             "--batch-size", "4", "--val-every", "0", "--dropout", "0", "--class-dropout", "0", "--lr", "3e-3",
+             "--no-progress", "--log-every", "1"]  # fmt: skip
+    _launch([*_two_processes(29532), *train, "--out", str(tmp_path / "p2")], env)
+    _launch([vqim, *train, "--out", str(tmp_path / "p1")], env)
+    w1, w2 = (
+        load_file(tmp_path / "p1" / "model.safetensors"),
+        load_file(tmp_path / "p2" / "model.safetensors"),
+    )
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5, msg=f"2-process prior differs on {k}")
+    assert json.loads((tmp_path / "p2" / "metrics.json").read_text())["processes"] == 2

@@ -137,6 +137,9 @@ def test_two_processes_write_the_folder_one_process_writes(pair, tmp_path):
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-4000:]
+    assert (
+        json.loads(r.stdout)["processes"] == 2
+    )  # the processes shared the work (one JSON, from the main one)
     p1, p2 = _pixels(one), _pixels(two)
     assert len(p1) == 10 and p1.keys() == p2.keys() and all(np.array_equal(p1[k], p2[k]) for k in p1)
     with np.load(one / "samples.npz") as z1, np.load(two / "samples.npz") as z2:

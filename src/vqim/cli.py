@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import shlex
 import sys
 from collections.abc import Callable
@@ -34,9 +35,11 @@ log = logging.getLogger("vqim")
 
 
 def _print_json(obj: Any) -> None:
+    """Print obj as JSON (on the main process only, under `accelerate launch`)."""
     from vqim.checkpoint import dumps
 
-    print(dumps(obj))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(dumps(obj))
 
 
 # Settings every trainer takes whose command-line form differs from the field: `--compile [MODE]`.

@@ -186,9 +186,9 @@ def sample_to_folder(cfg: SampleConfig) -> dict[str, Any]:
 
     See the module docstring. On several processes (`accelerate launch`), every process must call this.
     """
-    from accelerate import PartialState
+    from vqim.distributed import process_state
 
-    state = PartialState()
+    state = process_state()
     if state.num_processes > 1 and cfg.device == "auto":
         cfg = dataclasses.replace(cfg, device=str(state.device))
     prior, tok, device = _load_pair(cfg)
@@ -226,6 +226,7 @@ def sample_to_folder(cfg: SampleConfig) -> dict[str, Any]:
     _write_samples(prior, tok, mine, labels, paths, seed, kw, grid, device, cfg, state)
     state.wait_for_everyone()
     result = {"images": n, "written": len(missing), "resumed": n - len(missing), "classes": classes,
+              "processes": state.num_processes,
               "grid": None, "npz": None, "out": str(out)}  # fmt: skip
     if state.is_main_process:
         from vqim.checkpoint import write_json

@@ -126,19 +126,34 @@ def encode_dataset(
         condition: a spatial condition spec (`vqim.conditions`): each image's condition image is encoded by
             `condition_tokenizer` into paired condition tokens.
         condition_tokenizer: the tokenizer of the condition modality (required with `condition`).
+
+    Under `accelerate launch` (N processes) each process encodes a contiguous 1/N of the dataset into its own
+    shards (`tokens-pRRR-KKKKK.npy`); the main process writes the one manifest, listing the shards in dataset
+    order, so the folder holds the same sequences in the same order as a one-process run.
     """
+    from accelerate.utils import gather_object
+    from torch.utils.data import Subset
     from tqdm.auto import tqdm
 
     from vqim.conditions import ConditionImages, collate_conditioned, parse_condition
     from vqim.data import collate
+    from vqim.distributed import process_state
 
     if (condition is None) != (condition_tokenizer is None):
         raise InputError("a spatial condition needs both --condition and --condition-tokenizer")
+    state = process_state()
+    rank, world = state.process_index, state.num_processes
+    class_names = getattr(dataset, "class_names", None)
+    has_labels = class_names is not None or any(lab >= 0 for lab in getattr(dataset, "labels", []))
     cond = None
     if condition is not None:
         cond = parse_condition(condition)
         dataset = ConditionImages(dataset, cond)
         condition_tokenizer.eval().to(device)
+    if world > 1:  # this process's contiguous share, in dataset order
+        n = len(dataset)
+        dataset = Subset(dataset, range(rank * n // world, (rank + 1) * n // world))
+    prefix = f"p{rank:03d}-" if world > 1 else ""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tok.eval().to(device)
@@ -156,9 +171,6 @@ def encode_dataset(
     ids_buf: list[np.ndarray] = []
     lab_buf: list[np.ndarray] = []
     cond_buf: list[np.ndarray] = []
-    has_labels = getattr(dataset, "class_names", None) is not None or any(
-        lab >= 0 for lab in getattr(dataset, "labels", [])
-    )
     skipped: list[str] = []
     count = 0
     grid: tuple[int, int] | None = None
@@ -166,13 +178,13 @@ def encode_dataset(
 
     def write_shard(ids: np.ndarray, labels: np.ndarray, cids: np.ndarray | None) -> None:
         k = len(shards)
-        entry = {"tokens": f"tokens-{k:05d}.npy", "count": int(ids.shape[0])}
+        entry = {"tokens": f"tokens-{prefix}{k:05d}.npy", "count": int(ids.shape[0])}
         _save_npy(out / entry["tokens"], ids.astype(dtype))
         if has_labels:
-            entry["labels"] = f"labels-{k:05d}.npy"
+            entry["labels"] = f"labels-{prefix}{k:05d}.npy"
             _save_npy(out / entry["labels"], labels.astype(np.int64))
         if cids is not None:
-            entry["condition"] = f"cond-{k:05d}.npy"
+            entry["condition"] = f"cond-{prefix}{k:05d}.npy"
             _save_npy(out / entry["condition"], cids.astype(cdtype))
         shards.append(entry)
 
@@ -190,7 +202,7 @@ def encode_dataset(
         ids_buf, lab_buf = ([ids], [labels]) if keep else ([], [])
         cond_buf = [cids] if keep and cids is not None else []
 
-    for batch in tqdm(loader, disable=not progress, desc="encode"):
+    for batch in tqdm(loader, disable=not (progress and state.is_main_process), desc="encode"):
         skipped += batch["skipped"]
         if batch["image"].numel() == 0:
             continue
@@ -205,6 +217,13 @@ def encode_dataset(
         count += ids.shape[0]
         flush(final=False)
     flush(final=True)
+    if world > 1:  # every process's shards, in rank (= dataset) order
+        parts = gather_object([(shards, count, skipped, grid, cond_grid)])
+        shards = [sh for p in parts for sh in p[0]]
+        count = sum(p[1] for p in parts)
+        skipped = [f for p in parts for f in p[2]]
+        grid = next((p[3] for p in parts if p[3] is not None), None)
+        cond_grid = next((p[4] for p in parts if p[4] is not None), None)
     if count == 0:
         raise InputError("no readable image to encode")
     manifest: dict[str, Any] = {
@@ -219,7 +238,7 @@ def encode_dataset(
         "dtype": np.dtype(dtype).name,
         "shards": shards,
         "has_labels": bool(has_labels),
-        "class_names": getattr(dataset, "class_names", None),
+        "class_names": class_names,
         "skipped_files": len(skipped),
     }
     if cond is not None:
@@ -232,7 +251,9 @@ def encode_dataset(
             "tokenizer_dir": str(ct.pretrained_dir) if ct.pretrained_dir is not None else None,
             "dtype": np.dtype(cdtype).name,
         }
-    write_json(out / MANIFEST, manifest)
+    if state.is_main_process:
+        write_json(out / MANIFEST, manifest)
+    state.wait_for_everyone()
     return manifest
 
 
@@ -519,8 +540,10 @@ class EncodeConfig:
 def encode_to_folder(cfg: EncodeConfig) -> dict[str, Any]:
     """Encode cfg.data (centre crops, no augmentation) with the tokenizer in cfg.tokenizer; returns the manifest."""
     from vqim.data import build_dataset
+    from vqim.distributed import process_state
 
-    device = resolve_device(cfg.device)
+    state = process_state()  # several processes under `accelerate launch`: each encodes its share
+    device = state.device if state.num_processes > 1 and cfg.device == "auto" else resolve_device(cfg.device)
     tok = Tokenizer.from_pretrained(cfg.tokenizer, device=device)
     size = cfg.image_size or tok.config.image_size
     ds = build_dataset(cfg.data, size, train=cfg.split == "train", augment=False, labels_csv=cfg.labels_csv)
