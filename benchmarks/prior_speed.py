@@ -12,8 +12,18 @@ torch.utils.flop_counter over an untimed step (matrix products and attention, fo
 of the formula. MFU = achieved FLOP/s ÷ the machine's matmul speed measured in the same run
 (benchmarks/machine.py: sgemm 2048² in fp32, or bf16 with --bf16, before and after the workload, the larger
 of the two), beside the share of sgemm at the model's largest product, its MLP over the batch.
+
+Rows, each timed in the same run (tokens/s, MFU and peak memory of the step):
+- `plain`: one batch of --batch sequences per optimizer step;
+- `grad_accum_2`: the same global batch as two micro-batches of --batch/2 (gradients summed, as `--grad-accum 2`);
+- `checkpoint_activations`: every Transformer block recomputed in the backward pass (`--checkpoint-activations`);
+- `compile` (with --compile): the step's forward/backward through torch.compile (compile time excluded).
+Peak memory: on CUDA `torch.cuda.max_memory_allocated`, on the CPU the growth of the process's peak resident set
+(VmHWM, reset before each row through /proc/self/clear_refs). Also printed, computed (not measured): the memory
+per device of vim-base and vim-large at the paper's setting under DDP and under FSDP (full shard) on 8 devices.
 Usage:
     python benchmarks/prior_speed.py [--preset vim-small] [--batch 8] [--grid 16] [--repeats 5] [--threads 2]
+        [--compile]
 """
 
 from __future__ import annotations
@@ -25,7 +35,70 @@ import statistics
 import torch
 
 from machine import Limits, count_flops, stats, timed
-from vqim import Prior, prior_presets
+from vqim import Prior, get_prior_config, prior_presets
+
+
+def _status(key: str) -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class PeakMemory:
+    """Peak memory of a block in MiB: CUDA allocator peak, or on the CPU the peak resident set's growth."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.mib = float("nan")
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated() / 2**20
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # reset VmHWM to the current resident set
+            except OSError:
+                pass
+            self.base = _status("VmRSS")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            self.mib = torch.cuda.max_memory_allocated() / 2**20 - self.base
+        else:
+            self.mib = _status("VmHWM") - self.base
+
+
+def projected_memory(preset: str, devices: int = 8, batch_per_device: int = 8) -> dict:
+    """Memory per device (GiB), computed: fp32 weights + gradients + Adam moments (16 bytes per parameter),
+    divided over the devices under FSDP full sharding; activations of bf16 training per Korthikanti et al. 2022
+    (sbh·(34 + 5·a·s/h) bytes per block), or with activation checkpointing the blocks' inputs (2·sbh per block)
+    plus one block's full activations."""
+    cfg = get_prior_config(preset, vocab_size=8192, grid_size=(32, 32), num_classes=1000)
+    with torch.device("meta"):
+        params = sum(p.numel() for p in Prior(cfg).parameters())
+    s, b, h, a, L = cfg.seq_len, batch_per_device, cfg.dim, cfg.heads, cfg.depth
+    per_block = s * b * h * (34 + 5 * a * s / h)
+    acts = L * per_block
+    acts_ckpt = L * 2 * s * b * h + per_block
+    logits = b * s * cfg.vocab_size * (2 + 4)  # bf16 logits + fp32 for the loss
+    gib = 2**30
+    states = 16 * params
+    return {
+        "params": params,
+        "batch_per_device": b,
+        "devices": devices,
+        "ddp_gib": round((states + acts + logits) / gib, 1),
+        "ddp_checkpointed_gib": round((states + acts_ckpt + logits) / gib, 1),
+        "fsdp_gib": round((states / devices + acts + logits) / gib, 1),
+        "fsdp_checkpointed_gib": round((states / devices + acts_ckpt + logits) / gib, 1),
+        "computed": "16 bytes/parameter (fp32 weights, grads, Adam m and v) + bf16 activations, not measured",
+    }
 
 
 def main() -> None:
@@ -40,6 +113,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
+    ap.add_argument("--compile", action="store_true", help="also time a torch.compile row")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -56,13 +130,23 @@ def main() -> None:
     labels = torch.randint(0, max(cfg.num_classes, 1), (args.batch,), device=dev) if cfg.conditional else None
     amp = torch.autocast(dev.split(":")[0], dtype=torch.bfloat16, enabled=args.bf16)
 
-    def step() -> float:
-        with amp:
-            loss = prior.loss(tokens, labels)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
+    def make_step(micro: int = 1, loss_fn=prior.loss):
+        chunks = list(zip(tokens.chunk(micro), labels.chunk(micro) if labels is not None else [None] * micro))
+
+        def step() -> float:
+            total = 0.0
+            for t, lab in chunks:
+                with amp:
+                    loss = loss_fn(t, lab) / micro
+                loss.backward()
+                total += float(loss.detach())
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return total
+
+        return step
+
+    step = make_step()
 
     counts = prior.num_params()
     n_matmul = counts["transformer"] + counts["head"]
@@ -70,10 +154,25 @@ def main() -> None:
     counted = count_flops(step)  # one untimed step
     counted_per_token = counted["total"] / (args.batch * seq)
     shape = (args.batch * seq, cfg.dim, cfg.mlp_dim)  # the MLP's first product over the batch
-    with Limits(dev, torch.bfloat16 if args.bf16 else torch.float32, shape) as limits:
+    rows: dict[str, dict] = {}
+
+    def measure(name: str, fn) -> list[float]:
         for _ in range(args.warmup):
-            step()
-        rates = [args.batch * seq / t for t in timed(step, args.repeats, dev)]
+            fn()
+        with PeakMemory(dev) as mem:
+            fn()
+        r = [args.batch * seq / t for t in timed(fn, args.repeats, dev)]
+        rows[name] = {"train_tokens_per_s": stats(r, 1), "peak_memory_mib": round(mem.mib, 1)}
+        return r
+
+    with Limits(dev, torch.bfloat16 if args.bf16 else torch.float32, shape) as limits:
+        rates = measure("plain", step)
+        measure("grad_accum_2", make_step(2))
+        prior.transformer.checkpoint_activations = True
+        measure("checkpoint_activations", step)
+        prior.transformer.checkpoint_activations = False
+        if args.compile:
+            measure("compile", make_step(1, torch.compile(prior.loss)))
     median = statistics.median(rates)
     achieved = median * flops_per_token / 1e9
     achieved_counted = median * counted_per_token / 1e9
@@ -97,6 +196,21 @@ def main() -> None:
                 "share_of_workload_shape_sgemm": round(
                     achieved / limits["sgemm_gflops_at_workload_shape"], 4
                 ),
+                "rows": {
+                    k: {
+                        **v,
+                        "mfu": round(
+                            v["train_tokens_per_s"]["median"]
+                            * flops_per_token
+                            / 1e9
+                            / limits["sgemm_gflops"],
+                            4,
+                        ),
+                        "ratio_to_plain": round(v["train_tokens_per_s"]["median"] / median, 3),
+                    }
+                    for k, v in rows.items()
+                },  # fmt: skip
+                "projected_memory_per_device": {p: projected_memory(p) for p in ("vim-base", "vim-large")},
                 "machine": limits.report(),
             },
             indent=2,
