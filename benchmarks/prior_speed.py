@@ -18,8 +18,8 @@ Rows, each timed in the same run (tokens/s, MFU and peak memory of the step):
 - `grad_accum_2`: the same global batch as two micro-batches of --batch/2 (gradients summed, as `--grad-accum 2`);
 - `checkpoint_activations`: every Transformer block recomputed in the backward pass (`--checkpoint-activations`);
 - `compile` (with --compile): the step's forward/backward through torch.compile (compile time excluded).
-Peak memory: on CUDA `torch.cuda.max_memory_allocated`, on the CPU the growth of the process's peak resident set
-(VmHWM, reset before each row through /proc/self/clear_refs). Also printed, computed (not measured): the memory
+Peak memory of a row's first step above what the model, optimizer and batch hold before it: on CUDA
+`torch.cuda.max_memory_allocated`, on the CPU VmHWM − VmRSS of a fresh process per row. Also printed, computed (not measured): the memory
 per device of vim-base and vim-large at the paper's setting under DDP and under FSDP (full shard) on 8 devices.
 Usage:
     python benchmarks/prior_speed.py [--preset vim-small] [--batch 8] [--grid 16] [--repeats 5] [--threads 2]
@@ -45,33 +45,76 @@ def _status(key: str) -> float:
     return float("nan")
 
 
-class PeakMemory:
-    """Peak memory of a block in MiB: CUDA allocator peak, or on the CPU the peak resident set's growth."""
+def build(args: argparse.Namespace):
+    """The prior and `make_step(row)`: one optimizer step of a row's configuration."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    dev = args.device
+    prior = Prior.from_preset(
+        args.preset, vocab_size=args.vocab, grid_size=(args.grid, args.grid), num_classes=args.num_classes
+    ).to(dev)
+    prior.train()
+    cfg = prior.config
+    opt = torch.optim.AdamW(prior.parameters(), lr=1e-4, betas=(0.9, 0.96), weight_decay=0.01)
+    tokens = torch.randint(0, cfg.vocab_size, (args.batch, cfg.seq_len), device=dev)
+    labels = torch.randint(0, max(cfg.num_classes, 1), (args.batch,), device=dev) if cfg.conditional else None
+    amp = torch.autocast(dev.split(":")[0], dtype=torch.bfloat16, enabled=args.bf16)
 
-    def __init__(self, device: str) -> None:
-        self.device = device
-        self.mib = float("nan")
+    def make_step(row: str):
+        micro = 2 if row == "grad_accum_2" else 1
+        prior.transformer.checkpoint_activations = row == "checkpoint_activations"
+        loss_fn = torch.compile(prior.loss) if row == "compile" else prior.loss
+        chunks = list(zip(tokens.chunk(micro), labels.chunk(micro) if labels is not None else [None] * micro))
 
-    def __enter__(self) -> PeakMemory:
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated() / 2**20
-        else:
-            try:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")  # reset VmHWM to the current resident set
-            except OSError:
-                pass
-            self.base = _status("VmRSS")
-        return self
+        def step() -> float:
+            total = 0.0
+            for t, lab in chunks:
+                with amp:
+                    loss = loss_fn(t, lab) / micro
+                loss.backward()
+                total += float(loss.detach())
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return total
 
-    def __exit__(self, *exc) -> None:
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-            self.mib = torch.cuda.max_memory_allocated() / 2**20 - self.base
-        else:
-            self.mib = _status("VmHWM") - self.base
+        return step
+
+    return prior, make_step
+
+
+def peak_memory_mib(args: argparse.Namespace, row: str) -> float:
+    """Peak memory of the first optimizer step of a row, above what the model, optimizer and batch hold before it.
+
+    On CUDA: the allocator's peak. On the CPU: VmHWM − VmRSS of a fresh process (spawned per row, so that no
+    earlier row's freed-but-kept memory hides this one's); it counts Adam's moments (made at the first step),
+    the gradients and the activations.
+    """
+    if args.device.startswith("cuda"):
+        _, make_step = build(args)
+        step = make_step(row)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_memory_child, args=(vars(args), row, q))
+    p.start()
+    mib = q.get()
+    p.join()
+    return mib
+
+
+def _memory_child(args: dict, row: str, q) -> None:
+    _, make_step = build(argparse.Namespace(**args))
+    step = make_step(row)
+    base = _status("VmRSS")
+    step()
+    q.put(_status("VmHWM") - base)
 
 
 def projected_memory(preset: str, devices: int = 8, batch_per_device: int = 8) -> dict:
@@ -115,38 +158,11 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     ap.add_argument("--compile", action="store_true", help="also time a torch.compile row")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     dev = args.device
-
-    prior = Prior.from_preset(
-        args.preset, vocab_size=args.vocab, grid_size=(args.grid, args.grid), num_classes=args.num_classes
-    ).to(dev)
-    prior.train()
+    prior, make_step = build(args)
     cfg = prior.config
-    opt = torch.optim.AdamW(prior.parameters(), lr=1e-4, betas=(0.9, 0.96), weight_decay=0.01)
     seq = cfg.seq_len
-    tokens = torch.randint(0, cfg.vocab_size, (args.batch, seq), device=dev)
-    labels = torch.randint(0, max(cfg.num_classes, 1), (args.batch,), device=dev) if cfg.conditional else None
-    amp = torch.autocast(dev.split(":")[0], dtype=torch.bfloat16, enabled=args.bf16)
-
-    def make_step(micro: int = 1, loss_fn=prior.loss):
-        chunks = list(zip(tokens.chunk(micro), labels.chunk(micro) if labels is not None else [None] * micro))
-
-        def step() -> float:
-            total = 0.0
-            for t, lab in chunks:
-                with amp:
-                    loss = loss_fn(t, lab) / micro
-                loss.backward()
-                total += float(loss.detach())
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return total
-
-        return step
-
-    step = make_step()
+    step = make_step("plain")
 
     counts = prior.num_params()
     n_matmul = counts["transformer"] + counts["head"]
@@ -156,23 +172,21 @@ def main() -> None:
     shape = (args.batch * seq, cfg.dim, cfg.mlp_dim)  # the MLP's first product over the batch
     rows: dict[str, dict] = {}
 
-    def measure(name: str, fn) -> list[float]:
+    def measure(name: str) -> list[float]:
+        fn = make_step(name)
         for _ in range(args.warmup):
             fn()
-        with PeakMemory(dev) as mem:
-            fn()
         r = [args.batch * seq / t for t in timed(fn, args.repeats, dev)]
-        rows[name] = {"train_tokens_per_s": stats(r, 1), "peak_memory_mib": round(mem.mib, 1)}
+        rows[name] = {"train_tokens_per_s": stats(r, 1)}
         return r
 
+    names = ["plain", "grad_accum_2", "checkpoint_activations"] + (["compile"] if args.compile else [])
     with Limits(dev, torch.bfloat16 if args.bf16 else torch.float32, shape) as limits:
-        rates = measure("plain", step)
-        measure("grad_accum_2", make_step(2))
-        prior.transformer.checkpoint_activations = True
-        measure("checkpoint_activations", step)
-        prior.transformer.checkpoint_activations = False
-        if args.compile:
-            measure("compile", make_step(1, torch.compile(prior.loss)))
+        rates = measure("plain")
+        for name in names[1:]:
+            measure(name)
+    for name in names:  # after the timing: memory runs in child processes on the CPU
+        rows[name]["peak_memory_mib"] = round(peak_memory_mib(args, name), 1)
     median = statistics.median(rates)
     achieved = median * flops_per_token / 1e9
     achieved_counted = median * counted_per_token / 1e9
