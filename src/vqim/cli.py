@@ -11,6 +11,7 @@ type, default and help are declared once, beside the code that uses it:
     encode / decode   vqim.tokens.EncodeConfig / DecodeConfig
     sample / complete vqim.samples.SampleConfig / CompleteConfig (sampling settings: vqim.config.SamplingConfig)
     ablate            vqim.ablate.AblationConfig          demo             vqim.demo.run_demo's parameters
+    convert           vqim.convert.ConvertConfig
 
 Bad input (`vqim.errors.InputError` or any ValueError; a missing or unusable path: FileNotFoundError,
 PermissionError, IsADirectoryError, ...) ends the command with one line `error: ...` on stderr and exit status
@@ -152,6 +153,12 @@ def cmd_reject(a: argparse.Namespace) -> None:
     _print_json(reject(build(RejectConfig, a)))
 
 
+def cmd_convert(a: argparse.Namespace) -> None:
+    from vqim.convert import ConvertConfig, convert
+
+    _print_json(convert(build(ConvertConfig, a)))
+
+
 def cmd_probe(a: argparse.Namespace) -> None:
     from vqim.evaluate import ProbeConfig, linear_probe
 
@@ -226,6 +233,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
               cmd_probe),
     "ablate": ("the ViT-VQGAN ablation study: train + evaluate every variant, table and plots",
                _options("vqim.ablate", "AblationConfig"), cmd_ablate),
+    "convert": ("convert a public checkpoint (taming-transformers' VQGAN) to a vqim model folder",
+                _options("vqim.convert", "ConvertConfig"), cmd_convert),
     "presets": ("list model presets with parameter counts and training recipes", lambda p: None, cmd_presets),
     "demo": ("the two-stage pipeline on built-in data (photos, digits)", _options("vqim.demo", "run_demo"),
              cmd_demo),

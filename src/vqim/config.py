@@ -39,6 +39,8 @@ class TokenizerConfig:
             dec_dim equals enc_dim); larger than enc_dim is allowed (a projection up, as in the paper's
             lookup-dim ablation with small encoders).
         l2_norm: l2-normalise projected encodings and codes (nearest code = highest cosine similarity).
+        quant_proj: always map into and out of the lookup space with learned linear maps (taming-transformers'
+            quant_conv / post_quant_conv), even when lookup_dim equals the encoder width.
         beta: commitment weight of the VQ loss ‖sg[z]−e‖² + β‖z−sg[e]‖².
         codebook_init: "normal" (the paper) or "data" (codes set from the first batch of encoder outputs).
         dead_code_window: restart codes unused for this many training steps from recent encoder outputs;
@@ -73,6 +75,7 @@ class TokenizerConfig:
     codebook_size: int = 8192
     lookup_dim: int = 32
     l2_norm: bool = True
+    quant_proj: bool = False
     beta: float = 0.25
     codebook_init: Literal["normal", "data"] = "normal"
     dead_code_window: int = 0
@@ -133,6 +136,9 @@ class TokenizerConfig:
     def to_dict(self, arch_only: bool = False) -> dict[str, Any]:
         """The fields as a dict; with arch_only, without those the other architecture's networks read."""
         d = dataclasses.asdict(self)
+        for k, default in _OMIT_AT_DEFAULT.items():  # so that configs written before the field stay the same
+            if d[k] == default:
+                del d[k]
         if arch_only:
             unused = _CNN_ONLY if self.arch == "vit" else _VIT_ONLY
             d = {k: v for k, v in d.items() if k not in unused}
@@ -152,6 +158,10 @@ class TokenizerConfig:
         blob = json.dumps(self.to_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
+
+# Fields added after configs were first written, left out of `to_dict` at their default: the config hash and the
+# tokenizer fingerprint of every existing model stay what they were.
+_OMIT_AT_DEFAULT = {"quant_proj": False}
 
 # Fields only one architecture reads (the CNN's latent width is enc_dim = dec_dim).
 _VIT_ONLY = ("enc_depth", "enc_heads", "enc_mlp_dim", "dec_depth", "dec_heads", "dec_mlp_dim", "pos_embed")

@@ -85,6 +85,7 @@ class VectorQuantizer(nn.Module):
         beta: commitment weight β.
         dead_code_window: codes unused for this many `update_and_restart` calls are restarted from recent
             encoder outputs (0 disables).
+        project: learned input/output maps even where the widths match (taming's quant_conv/post_quant_conv).
     """
 
     def __init__(
@@ -96,6 +97,7 @@ class VectorQuantizer(nn.Module):
         l2_norm: bool = True,
         beta: float = 0.25,
         dead_code_window: int = 0,
+        project: bool = False,
     ) -> None:
         super().__init__()
         out_dim = in_dim if out_dim is None else out_dim
@@ -104,8 +106,10 @@ class VectorQuantizer(nn.Module):
         self.l2_norm = l2_norm
         self.beta = beta
         self.dead_code_window = dead_code_window
-        self.project_in = nn.Linear(in_dim, lookup_dim) if lookup_dim != in_dim else nn.Identity()
-        self.project_out = nn.Linear(lookup_dim, out_dim) if lookup_dim != out_dim else nn.Identity()
+        self.project_in = nn.Linear(in_dim, lookup_dim) if project or lookup_dim != in_dim else nn.Identity()
+        self.project_out = (
+            nn.Linear(lookup_dim, out_dim) if project or lookup_dim != out_dim else nn.Identity()
+        )
         # Codes drawn from a standard normal, as the paper initialises them (docs/papers.md).
         self.codebook = nn.Parameter(torch.randn(codebook_size, lookup_dim))
         # Training-only state, kept out of model.safetensors; the trainer saves it in its training state.

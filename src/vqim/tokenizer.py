@@ -220,6 +220,7 @@ class Tokenizer(PretrainedMixin, nn.Module):
             l2_norm=config.l2_norm,
             beta=config.beta,
             dead_code_window=config.dead_code_window,
+            project=config.quant_proj,
         )
         self.decoder = ViTDecoder(config) if vit else CNNDecoder(config)
         if vit:  # the CNN keeps PyTorch's default convolution init, as taming-transformers does

@@ -1,0 +1,81 @@
+"""`vqim convert`: public checkpoints of other implementations → vqim model folders.
+
+One small module per source maps its configuration and weights onto vqim's models (never a copy of the source's
+model code); `convert()` writes `config.json` + `model.safetensors`, which `Tokenizer.from_pretrained` reads, so
+every vqim tool (encode, reconstruct, eval-tokenizer, train-prior, sample) works on the converted model.
+Checkpoints are read without running code from them (`vqim.convert.safe_pickle`).
+
+Sources: `taming` (taming-transformers' VQGAN tokenizers, `vqim.convert.taming`). The enhancing-transformers
+ViT-VQGAN, LlamaGen's VQ tokenizer and taming's GPT priors are not converted yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from vqim.errors import InputError, check_output
+
+
+@dataclass(kw_only=True)
+class ConvertConfig:
+    """What `vqim convert` does.
+
+    Args:
+        source: the implementation that wrote the checkpoint: taming (taming-transformers' VQGAN).
+        checkpoint: the checkpoint file (.ckpt / .pt / .pth, read without running code from it; or .safetensors).
+        config: the model's YAML config (taming: the configs/*.yaml or project.yaml released with it).
+        out: folder for the vqim model (config.json + model.safetensors).
+    """
+
+    source: Literal["taming"]
+    checkpoint: str
+    config: str | None = None
+    out: str
+
+    def __post_init__(self) -> None:
+        check_output(self.out)
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--config {p}: file not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise InputError(f"--config {p}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"--config {p}: expected a mapping at the top level")
+    return data
+
+
+def convert(cfg: ConvertConfig) -> dict[str, Any]:
+    """Convert cfg.checkpoint; returns what was written (and the model's parameter counts)."""
+    from vqim.checkpoint import load_weights
+    from vqim.convert.safe_pickle import load_checkpoint, state_dict_of
+    from vqim.tokenizer import Tokenizer
+
+    if cfg.config is None:
+        raise InputError(
+            f"--config is needed for --source {cfg.source}: the YAML released with the checkpoint"
+        )
+    if Path(cfg.checkpoint).suffix == ".safetensors":
+        sd = load_weights(cfg.checkpoint, "--checkpoint")
+    else:
+        sd = state_dict_of(load_checkpoint(cfg.checkpoint), cfg.checkpoint)
+    from vqim.convert import taming
+
+    tcfg = taming.tokenizer_config(_read_yaml(cfg.config), cfg.config)
+    state = taming.tokenizer_state(sd, tcfg, cfg.checkpoint)
+    model = Tokenizer.build_checked(tcfg, state, cfg.out)
+    model.load_state_dict(state)
+    model.save_pretrained(cfg.out)
+    return {"out": cfg.out, "source": cfg.source, "kind": "tokenizer", "params": model.num_params(),
+            "config": tcfg.to_dict(arch_only=True)}  # fmt: skip
+
+
+__all__ = ["ConvertConfig", "convert"]

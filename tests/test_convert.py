@@ -1,0 +1,94 @@
+"""`vqim convert`: a taming-transformers VQGAN becomes a vqim tokenizer that gives taming's codes and decoder output
+(fixture made by taming's own modules, tests/fixtures/make_taming_fixture.py), and no checkpoint runs code."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, safe_open
+
+from vqim import InputError, Tokenizer
+from vqim.cli import main
+from vqim.convert import ConvertConfig, convert
+from vqim.convert.safe_pickle import Placeholder, load_checkpoint
+
+FIXTURE = Path(__file__).parent / "fixtures" / "taming"
+
+
+def test_converted_taming_vqgan_gives_tamings_codes_and_reconstruction(tmp_path):
+    res = convert(ConvertConfig(source="taming", checkpoint=str(FIXTURE / "taming_tiny.ckpt"),
+                                config=str(FIXTURE / "taming_tiny.yaml"), out=str(tmp_path / "tok")))  # fmt: skip
+    assert res["kind"] == "tokenizer" and res["config"]["quant_proj"] is True
+    with safe_open(FIXTURE / "taming_tiny_outputs.safetensors", "pt") as f:
+        assert f.metadata()["commit"] == "3ba01b241669f5ade541ce990f7650a3b8f65318"
+    ref = load_file(FIXTURE / "taming_tiny_outputs.safetensors")
+    tok = Tokenizer.from_pretrained(tmp_path / "tok")
+    ids = tok.encode(ref["images"])
+    assert torch.equal(ids, ref["codes"])
+    with torch.no_grad():
+        raw = tok.decode_latents(tok.quantizer.decode_ids(ids.reshape(2, -1)), (8, 8))
+    assert (raw - ref["decoded"]).abs().max() < 1e-5
+    assert (tok.decode(ids) - ((ref["decoded"] + 1) / 2).clamp(0, 1)).abs().max() < 1e-5
+
+
+def test_convert_command_and_vqim_tools_on_the_result(tmp_path, capsys):
+    main(["convert", "--source", "taming", "--checkpoint", str(FIXTURE / "taming_tiny.ckpt"), "--config",
+          str(FIXTURE / "taming_tiny.yaml"), "--out", str(tmp_path / "tok")])  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["params"]["total"] > 0
+    main(["encode", "--tokenizer", str(tmp_path / "tok"), "--data", "digits", "--split", "eval", "--out",
+          str(tmp_path / "tokens"), "--image-size", "16", "--no-progress", "--device", "cpu"])  # fmt: skip
+    m = json.loads(capsys.readouterr().out)
+    assert m["count"] == 360 and m["grid_size"] == [8, 8] and m["codebook_size"] == 16
+
+
+class _Evil:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_a_checkpoint_that_would_run_a_command_is_read_without_running_it(tmp_path, zip_format):
+    marker = tmp_path / "it_ran"
+    path = tmp_path / "evil.ckpt"
+    obj = {"state_dict": {"w": torch.ones(2)}, "hyper_parameters": _Evil(marker)}
+    if zip_format:
+        torch.save(obj, path)
+    else:  # a bare pickle (no tensors: torch pickles those by calling torch.load again)
+        path.write_bytes(pickle.dumps({"epoch": 3, "hyper_parameters": _Evil(marker)}))
+    loaded = load_checkpoint(path)
+    assert not marker.exists()  # os.system was never called
+    assert isinstance(loaded["hyper_parameters"], Placeholder) and "system" in repr(
+        loaded["hyper_parameters"]
+    )
+    if not zip_format:
+        assert loaded["epoch"] == 3
+    else:
+        assert torch.equal(loaded["state_dict"]["w"], torch.ones(2))
+        with pytest.raises(InputError, match="the checkpoint lacks encoder.conv_in.weight"):
+            convert(ConvertConfig(source="taming", checkpoint=str(path), config=str(FIXTURE / "taming_tiny.yaml"),
+                                  out=str(tmp_path / "o")))  # fmt: skip
+
+
+def test_bad_inputs_are_refused(tmp_path):
+    (tmp_path / "broken.ckpt").write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(InputError, match="broken.ckpt"):
+        load_checkpoint(tmp_path / "broken.ckpt")
+    gumbel = tmp_path / "gumbel.yaml"
+    gumbel.write_text((FIXTURE / "taming_tiny.yaml").read_text().replace("vqgan.VQModel", "vqgan.GumbelVQ"))
+    with pytest.raises(InputError, match="only taming's VQModel"):
+        convert(ConvertConfig(source="taming", checkpoint=str(FIXTURE / "taming_tiny.ckpt"), config=str(gumbel),
+                              out=str(tmp_path / "o")))  # fmt: skip
+    with pytest.raises(InputError, match="--config is needed"):
+        convert(
+            ConvertConfig(
+                source="taming", checkpoint=str(FIXTURE / "taming_tiny.ckpt"), out=str(tmp_path / "o")
+            )
+        )
