@@ -92,3 +92,23 @@ def test_bad_inputs_are_refused(tmp_path):
                 source="taming", checkpoint=str(FIXTURE / "taming_tiny.ckpt"), out=str(tmp_path / "o")
             )
         )
+
+
+def test_converted_llamagen_vq_gives_llamagens_codes_and_reconstruction(tmp_path):
+    lg = Path(__file__).parent / "fixtures" / "llamagen"
+    res = convert(ConvertConfig(source="llamagen", checkpoint=str(lg / "llamagen_tiny.pt"), image_size=16,
+                                out=str(tmp_path / "tok")))  # fmt: skip
+    c = res["config"]
+    assert (c["l2_norm"], c["lookup_dim"], c["codebook_size"], c["cnn_ch_mult"]) == (True, 8, 16, (1, 2))
+    with safe_open(lg / "llamagen_tiny_outputs.safetensors", "pt") as f:
+        assert f.metadata()["commit"] == "ce98ec41803a74a90ce68c40ababa9eaeffeb4ec"
+    ref = load_file(lg / "llamagen_tiny_outputs.safetensors")
+    tok = Tokenizer.from_pretrained(tmp_path / "tok")
+    ids = tok.encode(ref["images"])
+    assert torch.equal(ids, ref["codes"])
+    with torch.no_grad():
+        raw = tok.decode_latents(tok.quantizer.decode_ids(ids.reshape(2, -1)), (8, 8))
+    assert (raw - ref["decoded"]).abs().max() < 1e-5
+    with pytest.raises(InputError, match="not a multiple of the tokenizer's downsampling 2"):
+        convert(ConvertConfig(source="llamagen", checkpoint=str(lg / "llamagen_tiny.pt"), image_size=15,
+                              out=str(tmp_path / "o")))  # fmt: skip

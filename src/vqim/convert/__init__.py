@@ -5,8 +5,9 @@ model code); `convert()` writes `config.json` + `model.safetensors`, which `Toke
 every vqim tool (encode, reconstruct, eval-tokenizer, train-prior, sample) works on the converted model.
 Checkpoints are read without running code from them (`vqim.convert.safe_pickle`).
 
-Sources: `taming` (taming-transformers' VQGAN tokenizers, `vqim.convert.taming`). The enhancing-transformers
-ViT-VQGAN, LlamaGen's VQ tokenizer and taming's GPT priors are not converted yet.
+Sources: `taming` (taming-transformers' VQGAN tokenizers, `vqim.convert.taming`) and `llamagen` (LlamaGen's VQ
+tokenizers, `vqim.convert.llamagen`). The enhancing-transformers ViT-VQGAN and the priors (taming's GPTs,
+LlamaGen's GPT) are not converted yet.
 """
 
 from __future__ import annotations
@@ -23,15 +24,19 @@ class ConvertConfig:
     """What `vqim convert` does.
 
     Args:
-        source: the implementation that wrote the checkpoint: taming (taming-transformers' VQGAN).
+        source: the implementation that wrote the checkpoint: taming (taming-transformers' VQGAN) or llamagen
+            (LlamaGen's VQ tokenizer).
         checkpoint: the checkpoint file (.ckpt / .pt / .pth, read without running code from it; or .safetensors).
-        config: the model's YAML config (taming: the configs/*.yaml or project.yaml released with it).
+        config: the model's YAML config (taming: the configs/*.yaml or project.yaml released with it; llamagen:
+            none, the architecture is read off the weights).
+        image_size: llamagen: the image side the tokenizer was trained at (256 or 384).
         out: folder for the vqim model (config.json + model.safetensors).
     """
 
-    source: Literal["taming"]
+    source: Literal["taming", "llamagen"]
     checkpoint: str
     config: str | None = None
+    image_size: int = 256
     out: str
 
     def __post_init__(self) -> None:
@@ -59,18 +64,22 @@ def convert(cfg: ConvertConfig) -> dict[str, Any]:
     from vqim.convert.safe_pickle import load_checkpoint, state_dict_of
     from vqim.tokenizer import Tokenizer
 
-    if cfg.config is None:
-        raise InputError(
-            f"--config is needed for --source {cfg.source}: the YAML released with the checkpoint"
-        )
+    if cfg.source == "taming" and cfg.config is None:
+        raise InputError("--config is needed for --source taming: the YAML released with the checkpoint")
     if Path(cfg.checkpoint).suffix == ".safetensors":
         sd = load_weights(cfg.checkpoint, "--checkpoint")
     else:
         sd = state_dict_of(load_checkpoint(cfg.checkpoint), cfg.checkpoint)
-    from vqim.convert import taming
+    if cfg.source == "taming":
+        from vqim.convert import taming
 
-    tcfg = taming.tokenizer_config(_read_yaml(cfg.config), cfg.config)
-    state = taming.tokenizer_state(sd, tcfg, cfg.checkpoint)
+        tcfg = taming.tokenizer_config(_read_yaml(cfg.config), cfg.config)
+        state = taming.tokenizer_state(sd, tcfg, cfg.checkpoint)
+    else:
+        from vqim.convert import llamagen
+
+        tcfg = llamagen.tokenizer_config(sd, cfg.image_size, cfg.checkpoint)
+        state = llamagen.tokenizer_state(sd, tcfg, cfg.checkpoint)
     model = Tokenizer.build_checked(tcfg, state, cfg.out)
     model.load_state_dict(state)
     model.save_pretrained(cfg.out)

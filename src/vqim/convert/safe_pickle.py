@@ -118,8 +118,11 @@ def load_checkpoint(path: str | os.PathLike, flag: str = "--checkpoint") -> Any:
 
 
 def state_dict_of(obj: Any, path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The flat name → tensor dict of a loaded checkpoint (Lightning's "state_dict", or the object itself)."""
-    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    """The flat name → tensor dict of a loaded checkpoint: Lightning's "state_dict", LlamaGen's "model", or the
+    object itself."""
+    sd = None
+    if isinstance(obj, dict):
+        sd = next((obj[k] for k in ("state_dict", "model") if isinstance(obj.get(k), dict)), obj)
     if not isinstance(sd, dict):
         raise InputError(
             f"{path}: no state dict found (expected a dict of tensors, or one under 'state_dict')"
