@@ -14,9 +14,8 @@ from pathlib import Path
 import torch
 
 from vqim.config import TokenizerConfig
+from vqim.convert.cnn import cnn_state
 from vqim.errors import InputError
-
-_RENAME = {"nin_shortcut": "skip", "proj_out": "proj"}
 
 
 def tokenizer_config(sd: dict[str, torch.Tensor], image_size: int, path: str | Path) -> TokenizerConfig:
@@ -81,29 +80,5 @@ def tokenizer_state(
     sd: dict[str, torch.Tensor], cfg: TokenizerConfig, path: str | Path
 ) -> dict[str, torch.Tensor]:
     """vqim's state dict of LlamaGen VQModel weights (the usage buffer and training-only keys left out)."""
-    out: dict[str, torch.Tensor] = {}
-    try:
-        for side in ("encoder", "decoder"):
-            for name in ("conv_in", "norm_out", "conv_out"):
-                for p in ("weight", "bias"):
-                    out[f"{side}.net.{name}.{p}"] = sd[f"{side}.{name}.{p}"]
-        for src, dst in _blocks(cfg):
-            if ".attn." in src or src.endswith("mid.1"):
-                for p in ("weight", "bias"):
-                    out[f"{dst}.norm.{p}"] = sd[f"{src}.norm.{p}"]
-                    out[f"{dst}.qkv.{p}"] = torch.cat([sd[f"{src}.{q}.{p}"] for q in "qkv"])
-                    out[f"{dst}.proj.{p}"] = sd[f"{src}.proj_out.{p}"]
-                continue
-            keys = [k for k in sd if k.startswith(src + ".")]
-            if not keys:
-                raise KeyError(src)
-            for key in keys:
-                head, _, tail = key[len(src) + 1 :].partition(".")
-                out[f"{dst}.{_RENAME.get(head, head)}.{tail}"] = sd[key]
-        out["quantizer.codebook"] = sd["quantize.embedding.weight"]
-        for mine, theirs in (("project_in", "quant_conv"), ("project_out", "post_quant_conv")):
-            out[f"quantizer.{mine}.weight"] = sd[f"{theirs}.weight"].flatten(1)
-            out[f"quantizer.{mine}.bias"] = sd[f"{theirs}.bias"]
-    except KeyError as e:
-        raise InputError(f"{path}: the checkpoint lacks {e.args[0]}: not a LlamaGen VQ tokenizer") from None
-    return out
+    blocks = [(src, dst, ".attn." in src or src.endswith("mid.1")) for src, dst in _blocks(cfg)]
+    return cnn_state(sd, blocks, path, "a LlamaGen VQ tokenizer")

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from vqim.config import TokenizerConfig
+from vqim.convert.cnn import cnn_state
 from vqim.errors import InputError
 
 
@@ -83,41 +84,10 @@ def _levels(cfg: TokenizerConfig) -> tuple[list[tuple[str, str]], list[tuple[str
     return enc, dec
 
 
-_RENAME = {"nin_shortcut": "skip", "proj_out": "proj"}
-
-
 def tokenizer_state(
     sd: dict[str, torch.Tensor], cfg: TokenizerConfig, path: str | Path
 ) -> dict[str, torch.Tensor]:
     """vqim's state dict of the taming VQModel weights sd (training-only keys, e.g. loss.*, are left out)."""
-    out: dict[str, torch.Tensor] = {}
-    try:
-        for side in ("encoder", "decoder"):
-            for name in ("conv_in", "norm_out", "conv_out"):
-                for p in ("weight", "bias"):
-                    out[f"{side}.net.{name}.{p}"] = sd[f"{side}.{name}.{p}"]
-        enc, dec = _levels(cfg)
-        for src, dst in enc + dec:
-            keys = [k for k in sd if k.startswith(src + ".")]
-            if not keys:
-                raise KeyError(src)
-            if re.search(r"\.attn(_1|\.\d+)$", src):
-                for p in ("weight", "bias"):
-                    out[f"{dst}.norm.{p}"] = sd[f"{src}.norm.{p}"]
-                    out[f"{dst}.qkv.{p}"] = torch.cat([sd[f"{src}.{q}.{p}"] for q in "qkv"])
-                    out[f"{dst}.proj.{p}"] = sd[f"{src}.proj_out.{p}"]
-                continue
-            for key in keys:
-                rest = key[len(src) + 1 :]
-                head, _, tail = rest.partition(".")
-                out[f"{dst}.{_RENAME.get(head, head)}.{tail}"] = sd[key]
-        out["quantizer.codebook"] = sd["quantize.embedding.weight"]
-        out["quantizer.project_in.weight"] = sd["quant_conv.weight"].flatten(1)
-        out["quantizer.project_in.bias"] = sd["quant_conv.bias"]
-        out["quantizer.project_out.weight"] = sd["post_quant_conv.weight"].flatten(1)
-        out["quantizer.project_out.bias"] = sd["post_quant_conv.bias"]
-    except KeyError as e:
-        raise InputError(
-            f"{path}: the checkpoint lacks {e.args[0]}: not a taming VQModel of this config"
-        ) from None
-    return out
+    enc, dec = _levels(cfg)
+    blocks = [(src, dst, bool(re.search(r"\.attn(_1|\.\d+)$", src))) for src, dst in enc + dec]
+    return cnn_state(sd, blocks, path, "a taming VQModel of this config")
