@@ -11,7 +11,7 @@ type, default and help are declared once, beside the code that uses it:
     encode / decode   vqim.tokens.EncodeConfig / DecodeConfig
     sample / complete vqim.samples.SampleConfig / CompleteConfig (sampling settings: vqim.config.SamplingConfig)
     ablate            vqim.ablate.AblationConfig          demo             vqim.demo.run_demo's parameters
-    convert           vqim.convert.ConvertConfig
+    convert           vqim.convert.ConvertConfig          serve            vqim.serve.ServeConfig
 
 Bad input (`vqim.errors.InputError` or any ValueError; a missing or unusable path: FileNotFoundError,
 PermissionError, IsADirectoryError, ...) ends the command with one line `error: ...` on stderr and exit status
@@ -159,6 +159,12 @@ def cmd_convert(a: argparse.Namespace) -> None:
     _print_json(convert(build(ConvertConfig, a)))
 
 
+def cmd_serve(a: argparse.Namespace) -> None:
+    from vqim.serve import ServeConfig, serve
+
+    serve(build(ServeConfig, a))
+
+
 def cmd_probe(a: argparse.Namespace) -> None:
     from vqim.evaluate import ProbeConfig, linear_probe
 
@@ -235,6 +241,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
                _options("vqim.ablate", "AblationConfig"), cmd_ablate),
     "convert": ("convert a public checkpoint (taming-transformers' VQGAN) to a vqim model folder",
                 _options("vqim.convert", "ConvertConfig"), cmd_convert),
+    "serve": ("a local web page to try the tokenizer (and prior) on your own images",
+              _options("vqim.serve", "ServeConfig"), cmd_serve),
     "presets": ("list model presets with parameter counts and training recipes", lambda p: None, cmd_presets),
     "demo": ("the two-stage pipeline on built-in data (photos, digits)", _options("vqim.demo", "run_demo"),
              cmd_demo),
