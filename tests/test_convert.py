@@ -112,3 +112,45 @@ def test_converted_llamagen_vq_gives_llamagens_codes_and_reconstruction(tmp_path
     with pytest.raises(InputError, match="not a multiple of the tokenizer's downsampling 2"):
         convert(ConvertConfig(source="llamagen", checkpoint=str(lg / "llamagen_tiny.pt"), image_size=15,
                               out=str(tmp_path / "o")))  # fmt: skip
+
+
+def test_converted_taming_transformer_gives_tamings_logits_and_greedy_samples(tmp_path, capsys):
+    convert(ConvertConfig(source="taming", checkpoint=str(FIXTURE / "taming_tiny.ckpt"),
+                          config=str(FIXTURE / "taming_tiny.yaml"), out=str(tmp_path / "tok")))  # fmt: skip
+    res = convert(ConvertConfig(source="taming", checkpoint=str(FIXTURE / "taming_prior_tiny.ckpt"),
+                                config=str(FIXTURE / "taming_prior_tiny.yaml"), tokenizer=str(tmp_path / "tok"),
+                                out=str(tmp_path / "gpt")))  # fmt: skip
+    assert res["kind"] == "prior" and res["config"]["pos_embed"] == "1d" and res["config"]["num_classes"] == 3
+    ref = load_file(FIXTURE / "taming_prior_tiny_outputs.safetensors")
+    from vqim import Prior
+
+    prior = Prior.from_pretrained(tmp_path / "gpt" / "prior")
+    with torch.no_grad():
+        logits = prior(ref["tokens"], ref["labels"]).logits
+    assert (logits - ref["logits"]).abs().max() < 1e-5
+    # vqim's cached sampler, greedy, continues exactly as taming's GPT does from the class token.
+    assert torch.equal(prior.generate(2, labels=ref["labels"], temperature=0.0).reshape(2, -1), ref["greedy"])
+    # The converted pair works with vqim's tools (tokens.json ties the prior to the converted first stage).
+    main(["sample", "--prior", str(tmp_path / "gpt" / "prior"), "--tokenizer", str(tmp_path / "tok"), "--per-class",
+          "1", "--out", str(tmp_path / "s"), "--no-progress", "--device", "cpu"])  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["images"] == 3
+    with pytest.raises(InputError, match="not the first stage of this transformer"):
+        convert(ConvertConfig(source="taming", checkpoint=str(FIXTURE / "taming_prior_tiny.ckpt"),
+                              config=str(FIXTURE / "taming_prior_tiny.yaml"), out=str(tmp_path / "gpt2"),
+                              tokenizer=_other_tokenizer(tmp_path)))  # fmt: skip
+
+
+def _other_tokenizer(tmp_path: Path) -> str:
+    lg = Path(__file__).parent / "fixtures" / "llamagen"
+    convert(ConvertConfig(source="llamagen", checkpoint=str(lg / "llamagen_tiny.pt"), image_size=32,
+                          out=str(tmp_path / "lg")))  # fmt: skip
+    return str(tmp_path / "lg")  # 16 codes, but a 16×16 grid at 32 pixels: not this transformer's 8×8
+
+
+def test_the_options_added_for_conversion_leave_existing_identities_unchanged():
+    from vqim import PriorConfig, TokenizerConfig
+
+    assert "quant_proj" not in TokenizerConfig().to_dict() and "pos_embed" not in PriorConfig().to_dict()
+    assert TokenizerConfig(quant_proj=True).to_dict()["quant_proj"] is True
+    assert PriorConfig(pos_embed="1d").to_dict()["pos_embed"] == "1d"
+    assert TokenizerConfig.from_dict(TokenizerConfig(quant_proj=True).to_dict()).quant_proj

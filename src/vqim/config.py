@@ -345,6 +345,8 @@ class PriorConfig:
             codebook_size); 0 = no spatial condition.
         cond_grid_size: (h, w) of the spatial condition's token grid (the condition tokenizer's grid_size);
             None when cond_vocab_size is 0.
+        pos_embed: image-token positions: "rowcol" (a learned row table plus a learned column table) or "1d"
+            (one learned vector per raster position, as minGPT / taming-transformers' priors have).
     """
 
     vocab_size: int = 8192
@@ -358,6 +360,7 @@ class PriorConfig:
     class_dropout: float = 0.1
     cond_vocab_size: int = 0
     cond_grid_size: tuple[int, int] | None = None
+    pos_embed: Literal["rowcol", "1d"] = "rowcol"
 
     def __post_init__(self) -> None:
         for name in ("grid_size", "cond_grid_size"):
@@ -419,6 +422,8 @@ class PriorConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        if d["pos_embed"] == "rowcol":  # added later: left out at its default, so identities stay the same
+            del d["pos_embed"]
         d["grid_size"] = list(self.grid_size)  # JSON has no tuples; __post_init__ turns it back
         if self.cond_grid_size is not None:
             d["cond_grid_size"] = list(self.cond_grid_size)

@@ -83,9 +83,13 @@ class Prior(PretrainedMixin, nn.Module):
         c = config
         h, w = c.grid_size
         self.tok_embed = nn.Embedding(c.vocab_size, c.dim)
-        # Learned 2-D position embedding: a row table and a column table, summed.
-        self.pos_row = nn.Parameter(torch.zeros(h, c.dim))
-        self.pos_col = nn.Parameter(torch.zeros(w, c.dim))
+        # Learned 2-D position embedding: a row table and a column table, summed (or one vector per position).
+        self.pos = self.pos_row = self.pos_col = None
+        if c.pos_embed == "1d":
+            self.pos = nn.Parameter(torch.zeros(h * w, c.dim))
+        else:
+            self.pos_row = nn.Parameter(torch.zeros(h, c.dim))
+            self.pos_col = nn.Parameter(torch.zeros(w, c.dim))
         if c.conditional:
             self.class_embed = nn.Embedding(c.num_classes + 1, c.dim)  # row num_classes = null class
             self.cond_pos = nn.Parameter(torch.zeros(c.dim))  # the condition token's own position
@@ -128,6 +132,7 @@ class Prior(PretrainedMixin, nn.Module):
             nn.init.normal_(blk.attn.proj.weight, std=residual_std)
             nn.init.normal_(blk.mlp.fc2.weight, std=residual_std)
         for p in (
+            self.pos,
             self.pos_row,
             self.pos_col,
             self.cond_pos,
@@ -175,8 +180,13 @@ class Prior(PretrainedMixin, nn.Module):
     def num_params(self) -> dict[str, int]:
         """Parameter counts: embeddings (token, position, class/start), Transformer, head and the total."""
         count = lambda ps: sum(p.numel() for p in ps)
-        emb = [self.tok_embed.weight, self.pos_row, self.pos_col]
-        emb += [p for p in (self.cond_pos, self.start, self.cond_pos_row, self.cond_pos_col) if p is not None]
+        emb = [self.tok_embed.weight]
+        emb += [
+            p
+            for p in (self.pos, self.pos_row, self.pos_col, self.cond_pos, self.start, self.cond_pos_row,
+                      self.cond_pos_col)
+            if p is not None
+        ]  # fmt: skip
         for table in (self.class_embed, self.cond_embed):
             if table is not None:
                 emb.append(table.weight)
@@ -293,6 +303,8 @@ class Prior(PretrainedMixin, nn.Module):
     # ------------------------------------------------------------------ model pieces (also used by sampling)
     def position_table(self) -> torch.Tensor:
         """Position embedding of every grid position in raster order, (h·w, D)."""
+        if self.pos is not None:
+            return self.pos
         h, w = self.config.grid_size
         return (self.pos_row[:, None, :] + self.pos_col[None, :, :]).reshape(h * w, -1)
 

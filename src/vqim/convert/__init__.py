@@ -30,13 +30,17 @@ class ConvertConfig:
         config: the model's YAML config (taming: the configs/*.yaml or project.yaml released with it; llamagen:
             none, the architecture is read off the weights).
         image_size: llamagen: the image side the tokenizer was trained at (256 or 384).
-        out: folder for the vqim model (config.json + model.safetensors).
+        tokenizer: taming transformer without its first stage in the checkpoint: the vqim folder of that first
+            stage (converted before), recorded in the prior's tokens.json so that sample/eval-prior accept the pair.
+        out: folder for the vqim model (config.json + model.safetensors); for a taming transformer, OUT/prior and
+            (when the checkpoint holds its first stage) OUT/tokenizer.
     """
 
     source: Literal["taming", "llamagen"]
     checkpoint: str
     config: str | None = None
     image_size: int = 256
+    tokenizer: str | None = None
     out: str
 
     def __post_init__(self) -> None:
@@ -73,7 +77,10 @@ def convert(cfg: ConvertConfig) -> dict[str, Any]:
     if cfg.source == "taming":
         from vqim.convert import taming
 
-        tcfg = taming.tokenizer_config(_read_yaml(cfg.config), cfg.config)
+        yaml_cfg = _read_yaml(cfg.config)
+        if taming.is_transformer(yaml_cfg):
+            return _convert_taming_prior(cfg, yaml_cfg, sd)
+        tcfg = taming.tokenizer_config(yaml_cfg, cfg.config)
         state = taming.tokenizer_state(sd, tcfg, cfg.checkpoint)
     else:
         from vqim.convert import llamagen
@@ -85,6 +92,47 @@ def convert(cfg: ConvertConfig) -> dict[str, Any]:
     model.save_pretrained(cfg.out)
     return {"out": cfg.out, "source": cfg.source, "kind": "tokenizer", "params": model.num_params(),
             "config": tcfg.to_dict(arch_only=True)}  # fmt: skip
+
+
+def _convert_taming_prior(cfg: ConvertConfig, yaml_cfg: dict[str, Any], sd: dict) -> dict[str, Any]:
+    """A taming Net2NetTransformer → OUT/prior (and OUT/tokenizer from its first stage when the checkpoint has it)."""
+    from vqim.checkpoint import write_json
+    from vqim.convert import taming
+    from vqim.prior import Prior
+    from vqim.tokenizer import Tokenizer
+    from vqim.tokens import tokenizer_identity
+
+    pcfg, first, sos = taming.prior_config(yaml_cfg, cfg.config)
+    state = taming.prior_state(sd, pcfg, sos, cfg.checkpoint)
+    out = Path(cfg.out)
+    prior = Prior.build_checked(pcfg, state, out / "prior")
+    prior.load_state_dict(state)
+    prior.save_pretrained(out / "prior")
+    result: dict[str, Any] = {"out": str(out), "source": cfg.source, "kind": "prior", "prior": str(out / "prior"),
+                              "params": prior.num_params(), "config": pcfg.to_dict()}  # fmt: skip
+    tok = None
+    first_sd = {
+        k[len("first_stage_model.") :]: v for k, v in sd.items() if k.startswith("first_stage_model.")
+    }
+    if first_sd:
+        tstate = taming.tokenizer_state(first_sd, first, cfg.checkpoint)
+        tok = Tokenizer.build_checked(first, tstate, out / "tokenizer")
+        tok.load_state_dict(tstate)
+        tok.save_pretrained(out / "tokenizer")
+        result["tokenizer"] = str(out / "tokenizer")
+    elif cfg.tokenizer is not None:
+        tok = Tokenizer.from_pretrained(cfg.tokenizer)
+        if tok.config.codebook_size != pcfg.vocab_size or tuple(tok.grid_size) != tuple(pcfg.grid_size):
+            raise InputError(
+                f"--tokenizer {cfg.tokenizer} ({tok.config.codebook_size} codes, grid {tuple(tok.grid_size)}) is not "
+                f"the first stage of this transformer ({pcfg.vocab_size} codes, grid {tuple(pcfg.grid_size)})"
+            )
+        result["tokenizer"] = cfg.tokenizer
+    if tok is not None:  # what train-prior records: the tokens the prior reads come from this tokenizer
+        write_json(out / "prior" / "tokens.json", {"tokens": None, **tokenizer_identity(tok),
+                                                   "grid_size": list(pcfg.grid_size), "codebook_size": pcfg.vocab_size,
+                                                   "class_names": None, "condition": None})  # fmt: skip
+    return result
 
 
 __all__ = ["ConvertConfig", "convert"]
