@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pickle
@@ -154,3 +155,26 @@ def test_the_options_added_for_conversion_leave_existing_identities_unchanged():
     assert TokenizerConfig(quant_proj=True).to_dict()["quant_proj"] is True
     assert PriorConfig(pos_embed="1d").to_dict()["pos_embed"] == "1d"
     assert TokenizerConfig.from_dict(TokenizerConfig(quant_proj=True).to_dict()).quant_proj
+
+
+def test_what_a_pickle_names_is_never_reached_or_changed(tmp_path):
+    import torch._utils
+
+    before = torch._utils._rebuild_tensor_v2.__name__
+    # GLOBAL torch._utils._rebuild_tensor_v2, then BUILD {"__name__": "hacked"} on it.
+    (tmp_path / "build.pkl").write_bytes(b"ctorch._utils\n_rebuild_tensor_v2\n(dS'__name__'\nS'hacked'\nsb.")
+    try:
+        load_checkpoint(tmp_path / "build.pkl")
+    except InputError:
+        pass
+    assert torch._utils._rebuild_tensor_v2.__name__ == before
+    # A dotted name would reach an attribute of the module: it stays a placeholder.
+    (tmp_path / "dotted.pkl").write_bytes(b"ctorch\nstorage.TypedStorage\n.")
+    assert isinstance(load_checkpoint(tmp_path / "dotted.pkl")(), Placeholder)
+    # torch's legacy format is read only when it holds tensors alone (weights_only); else refused.
+    torch.save({"w": torch.ones(2)}, tmp_path / "legacy_ok.pt", _use_new_zipfile_serialization=False)
+    assert torch.equal(load_checkpoint(tmp_path / "legacy_ok.pt")["w"], torch.ones(2))
+    torch.save({"w": torch.ones(2), "args": argparse.Namespace(a=1)}, tmp_path / "legacy.pt",
+               _use_new_zipfile_serialization=False)  # fmt: skip
+    with pytest.raises(InputError, match="legacy"):
+        load_checkpoint(tmp_path / "legacy.pt")

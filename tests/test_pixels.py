@@ -119,3 +119,18 @@ def test_non_finite_metrics_are_valid_json_with_a_reason(tmp_path):
     m = json.loads(text)
     assert m == {"psnr": None, "psnr_not_finite": "nan", "fid": None, "fid_not_finite": "inf", "ok": 1.5,
                  "xs": [None]}  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["P", "1", "I;16"])
+def test_large_palette_bilevel_and_16_bit_images_are_reduced_after_conversion(tmp_path, monkeypatch, mode):
+    monkeypatch.setattr(data, "LARGE_PIXELS", 100 * 100)
+    arr = np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8)
+    im = Image.fromarray(arr)
+    im = {
+        "P": im.convert("P"),
+        "1": im.convert("1"),
+        "I;16": Image.fromarray(arr[..., 0].astype(np.uint16) * 257),
+    }[mode]
+    im.save(tmp_path / "big.png")
+    out = load_rgb(tmp_path / "big.png", min_side=32)
+    assert out.mode == "RGB" and 32 <= min(out.size) < 64

@@ -145,3 +145,14 @@ def test_two_processes_write_the_folder_one_process_writes(pair, tmp_path):
     with np.load(one / "samples.npz") as z1, np.load(two / "samples.npz") as z2:
         assert np.array_equal(z1["arr_0"], z2["arr_0"]) and np.array_equal(z1["arr_1"], z2["arr_1"])
     assert json.loads((two / "samples.json").read_text())["complete"]
+
+
+def test_inverse_cdf_draws_never_pick_a_filtered_token_and_negative_seeds_work():
+    from vqim.sampling import sample_logits
+
+    logits = torch.tensor([[5.0, 4.0, 0.0, -3.0, -8.0]]).expand(3, 5)
+    u = torch.tensor([1 - 1e-12, 0.999999999, 0.0], dtype=torch.float64)
+    ids = sample_logits(logits, top_p=0.9, uniform=u)
+    assert ids.tolist()[0] in (0, 1) and ids.tolist()[1] in (0, 1) and ids.tolist()[2] == 0
+    assert sample_logits(logits, uniform=torch.full((3,), 1 - 1e-12, dtype=torch.float64)).max() <= 4
+    assert row_seed(-1, 0) != row_seed(0, 0) and row_seed(-1, 0) >= 0

@@ -168,3 +168,15 @@ def test_compiled_prior_training_matches_eager(tokens, tmp_path):
     _train(tokens, tmp_path / "eager", steps=2)
     _train(tokens, tmp_path / "compiled", steps=2, compile="default")
     assert _max_diff(tmp_path / "eager", tmp_path / "compiled") < 1e-4
+
+
+def test_a_weight_average_can_start_on_resume_and_grad_accum_cannot_change(tokens, tmp_path, caplog):
+    _train(tokens, tmp_path / "a", steps=2)
+    with caplog.at_level("WARNING"):
+        _train(tokens, tmp_path / "a", steps=4, ema_decay=0.5, resume=True, override=["ema_decay"])
+    assert "starts one from the current weights" in caplog.text
+    assert (tmp_path / "a" / "ema.safetensors").is_file()
+    with pytest.raises(ValueError, match="--override grad_accum"):
+        _train(
+            tokens, tmp_path / "a", steps=6, ema_decay=0.5, grad_accum=2, resume=True, override=["grad_accum"]
+        )

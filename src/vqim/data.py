@@ -93,9 +93,11 @@ def load_rgb(
                 s = min_side / min(w, h)
                 im.draft("RGB", (max(1, int(w * s + 1)), max(1, int(h * s + 1))))
             im.load()  # decode now: truncated files fail here, not later
-            if large and min_side and min(im.size) >= 2 * min_side:
-                im = im.reduce(min(im.size) // min_side)
-            rgb = _to_rgb(im, name)
+            rgb = _to_rgb(
+                im, name
+            )  # first: Pillow's reduce refuses (or mis-averages) palette and 16-bit modes
+            if large and min_side and min(rgb.size) >= 2 * min_side:
+                rgb = rgb.reduce(min(rgb.size) // min_side)
             rgb.info["vqim_large"] = large  # the file was large (callers may keep its resized pixels)
             return rgb
 

@@ -91,9 +91,12 @@ def sample_logits(
     if uniform is None:
         choice = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
     else:
-        cdf = probs.cumsum(dim=-1)
-        u = uniform.to(cdf.device, cdf.dtype).reshape(-1, 1) * cdf[:, -1:]  # the sum is 1 up to rounding
-        choice = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)
+        cdf = probs.double().cumsum(dim=-1)
+        u = uniform.to(cdf.device, torch.float64).reshape(-1, 1) * cdf[:, -1:]  # the sum is 1 up to rounding
+        choice = torch.searchsorted(cdf, u, right=True)
+        # Rounding can put u at the very top: take the last candidate of positive probability, never a filtered one.
+        last = probs.shape[-1] - 1 - (probs > 0).flip(-1).long().argmax(dim=-1, keepdim=True)
+        choice = torch.minimum(choice, last)
     if ids is not None:
         choice = ids.gather(-1, choice)
     return choice.squeeze(-1)
@@ -103,7 +106,11 @@ def row_seed(seed: int, index: int) -> int:
     """The random seed of sample `index` of a run seeded `seed` (independent streams, any batch layout)."""
     import numpy as np
 
-    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0] >> 1)
+    entropy = [
+        int(seed) & (2**64 - 1),
+        int(index),
+    ]  # SeedSequence takes non-negative ints; torch seeds may be < 0
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
 
 
 def row_uniforms(seeds: Any, steps: int, device: Any) -> torch.Tensor:

@@ -15,6 +15,7 @@ with an `InputError` naming the file.
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import zipfile
@@ -68,11 +69,12 @@ def _placeholder(module: str, name: str) -> type:
 
 class _Unpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED:
-            return super().find_class(module, name)
-        if module == "torch" and (name.endswith("Storage") or name in {"bfloat16", "float16", "float32"}):
-            return super().find_class(module, name)
-        return _placeholder(module, name)
+        if "." in name or (module, name) not in _ALLOWED:  # dotted names reach attributes: never resolved
+            return _placeholder(module, name)
+        real = super().find_class(module, name)
+        # A fresh wrapper per lookup: pickle's BUILD opcode sets attributes on what find_class returns, and must
+        # not reach torch's own functions and classes (their attributes persist in the process).
+        return functools.partial(real)
 
 
 class _RestrictedPickle:
@@ -97,23 +99,27 @@ def load_checkpoint(path: str | os.PathLike, flag: str = "--checkpoint") -> Any:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{flag} {path}: file not found")
+    torch_format = zipfile.is_zipfile(path) or _torch_legacy(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        pass  # objects beside the tensors: read again with placeholders for them
-    except (RuntimeError, EOFError, ValueError, OSError) as e:
-        raise InputError(
-            f"{flag} {path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})"
-        ) from None
-    try:
-        if not zipfile.is_zipfile(path) and not _torch_legacy(path):  # a bare pickle, not torch.save's format
+        if not torch_format:  # a bare pickle, not torch.save's format
             with open(path, "rb") as f:
                 return _Unpickler(f).load()
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            pass  # objects beside the tensors: read again with placeholders for them
+        if not zipfile.is_zipfile(path):  # torch's legacy loader acts on what the file names
+            raise InputError(
+                f"{flag} {path}: a legacy (pre-1.6) PyTorch file holding objects besides tensors; vqim reads such "
+                f"files only when they hold tensors alone: re-save it with a current PyTorch"
+            )
         return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickle)
+    except InputError:
+        raise
     except Exception as e:  # noqa: BLE001 - anything the restricted reader cannot rebuild is refused
         raise InputError(
-            f"{flag} {path}: cannot be read without running code from it ({type(e).__name__}: {e}); export its "
-            f"tensors to .safetensors with the software that wrote it"
+            f"{flag} {path}: cannot be read without running code from it, or is damaged ({type(e).__name__}: "
+            f"{e}); export its tensors to .safetensors with the software that wrote it"
         ) from None
 
 

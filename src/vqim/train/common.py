@@ -70,6 +70,7 @@ def save_checkpoint(
     meta: dict[str, Any],
     keep: int,
     after_commit: Callable[[], None] | None = None,
+    before_commit: Callable[[], None] | None = None,
 ) -> None:
     """Write model (save_pretrained layout) + training state into root/step-N, atomically, on all processes.
 
@@ -90,6 +91,8 @@ def save_checkpoint(
     st.write_process_state(tmp, acc.process_index, rt, rm)
     acc.wait_for_everyone()
     if acc.is_main_process:
+        if before_commit is not None:
+            before_commit()
         st.commit(root, step, keep, str(meta.get("run_id", "")))
         if after_commit is not None:
             after_commit()

@@ -94,10 +94,12 @@ def check_out(out: Path, outputs: tuple[str, ...], resume: bool, overwrite: bool
         )
     entries: list[tuple[Path, int]] = []
     for p in held:
-        if p.is_dir() and not p.is_symlink():  # checkpoints/, tb/, samples/: their current content
-            entries += [(c, c.lstat().st_ino) for c in p.iterdir()]
-        else:
-            entries.append((p, p.lstat().st_ino))
+        items = list(p.iterdir()) if p.is_dir() and not p.is_symlink() else [p]  # checkpoints/, tb/: content
+        for c in items:
+            try:
+                entries.append((c, c.lstat().st_ino))
+            except FileNotFoundError:  # removed meanwhile (the main process cleans leftovers)
+                pass
     return Replacement(out, entries)
 
 

@@ -227,7 +227,7 @@ class EMA:
         if missing:
             raise InputError(f"the checkpoint has no weight average for {', '.join(missing[:3])}")
         for n, t in zip(self.names, self.shadow, strict=True):
-            t.copy_(tensors[prefix + n])
+            t.copy_(tensors[prefix + n].to(t.device))
 
     def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The model's state dict with the averaged parameters in place of the current ones."""
@@ -371,6 +371,11 @@ class Trainer(abc.ABC):
             saved = read_json(saved_file, "training settings")
             if not isinstance(saved, dict):
                 raise InputError(f"{saved_file} is not a JSON object: it is not a vqim training record")
+            if "grad_accum" in cfg.override:
+                raise InputError(
+                    "--override grad_accum: where the saved run is in its data stream depends on it; resume with "
+                    "the saved --grad-accum"
+                )
             given = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
             fixed = tuple(k for k in self.fixed_settings if k in given)
             records = rundir.check_resume(saved, given, cfg.override, fixed, self.out)
@@ -379,16 +384,38 @@ class Trainer(abc.ABC):
             log.warning("%s is missing: the settings of the resumed run cannot be checked", saved_file)
         return found
 
+    def _make_ema(self, saved: dict[str, torch.Tensor]) -> EMA:
+        """The weight average of the prepared model: resumed from the checkpoint's, or started from the weights."""
+        from accelerate.utils import DistributedType
+
+        if self.acc.distributed_type == DistributedType.FSDP:
+            raise InputError(
+                "--ema-decay is not supported under FSDP yet (the weights are sharded): leave it out"
+            )
+        ema = EMA(self.raw, self.cfg.ema_decay)
+        if saved:
+            ema.load(saved)
+        elif self.resume_from is not None:
+            log.warning(
+                "the resumed checkpoint has no weight average: --ema-decay starts one from the current weights"
+            )
+        return ema
+
     def _write_config(self) -> None:
         """train_config.json (the settings, the model, the --override history) and the subclass's records."""
         record = {**dataclasses.asdict(self.cfg), **self.config_record(), "overrides": self.overrides}
         write_json(self.out / "train_config.json", record)
         self.write_records()
 
+    def _before_commit(self) -> None:
+        """An --overwrite run's first complete checkpoint is about to be renamed into place: from here on the
+        folder is this run's, so its records are written first (a resume then checks against them)."""
+        if self.replacement is not None:
+            self._write_config()
+
     def _after_commit(self) -> None:
         """After a checkpoint is in place: an --overwrite run replaces the old run at its first checkpoint."""
         if self.replacement is not None:
-            self._write_config()
             self.replacement.apply()
             self.replacement = None
 
@@ -413,14 +440,11 @@ class Trainer(abc.ABC):
             self.skipped = set(meta.get("skipped", []))
             self.counters.update({k: int(v) for k, v in meta.get("counters", {}).items()})
             self.load_extra_state(tensors, meta)
-            if cfg.ema_decay > 0:
-                self.ema = EMA(model, cfg.ema_decay)
-                self.ema.load(tensors)
+            ema_tensors = {k: v for k, v in tensors.items() if k.startswith("ema.")}
         else:
+            ema_tensors = {}
             torch.manual_seed(cfg.seed + 1000 * self.rank)  # per-process randomness (dropout, noise)
 
-        if cfg.ema_decay > 0 and self.ema is None:
-            self.ema = EMA(model, cfg.ema_decay)
         if cfg.checkpoint_activations:
             from vqim.nn.transformer import Transformer
 
@@ -433,6 +457,8 @@ class Trainer(abc.ABC):
                 )
         self.model, self.optimizer = acc.prepare(model, self.optimizer)
         self.raw = acc.unwrap_model(self.model)
+        if cfg.ema_decay > 0:  # after prepare: the average lives where the weights now are
+            self.ema = self._make_ema(ema_tensors)
         self.prepare_extra()
         if cfg.compile:
             # Compile the (possibly DDP-wrapped) module; weights and checkpoints go through self.raw.
@@ -553,6 +579,7 @@ class Trainer(abc.ABC):
         save_checkpoint(
             self.acc, self.ckpt_root, self.step, self.raw, self.optimizer.optimizer, self.scheduler,
             tensors, meta, self.cfg.keep_checkpoints, after_commit=self._after_commit,
+            before_commit=self._before_commit,
         )  # fmt: skip
 
     def _finish(self, t0: float, start_step: int, stop_reason: str | None) -> dict[str, Any]:
