@@ -180,3 +180,20 @@ def test_a_weight_average_can_start_on_resume_and_grad_accum_cannot_change(token
         _train(
             tokens, tmp_path / "a", steps=6, ema_decay=0.5, grad_accum=2, resume=True, override=["grad_accum"]
         )
+
+
+def test_train_prior_takes_model_overrides_on_the_command_line(tokens, tmp_path, capsys):
+    from vqim.cli import main
+
+    main(["train-prior", "--tokens", str(tokens), "--out", str(tmp_path / "p"), "--steps", "1", "--batch-size", "8",
+          "--val-every", "0", "--no-progress", "--dim", "32", "--depth", "1", "--heads", "2", "--mlp-dim", "48",
+          "--pos-embed", "1d"])  # fmt: skip
+    capsys.readouterr()
+    cfg = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert (cfg["dim"], cfg["depth"], cfg["heads"], cfg["mlp_dim"], cfg["pos_embed"]) == (32, 1, 2, 48, "1d")
+    with pytest.raises(
+        SystemExit
+    ) as e:  # another width on resume: the checkpoint's weights have the saved one
+        main(["train-prior", "--tokens", str(tokens), "--out", str(tmp_path / "p"), "--steps", "2", "--batch-size",
+              "8", "--val-every", "0", "--no-progress", "--dim", "64", "--resume"])  # fmt: skip
+    assert e.value.code == 2 and "cannot be overridden" in capsys.readouterr().err

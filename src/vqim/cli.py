@@ -110,17 +110,25 @@ def cmd_eval_tokenizer(a: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- stage 2
+# PriorConfig fields a user sets on the command line (vocabulary, grid, classes and condition come from the tokens;
+# dropout and class_dropout are PriorTrainConfig's own options).
+PRIOR_MODEL_FIELDS = ("dim", "depth", "heads", "mlp_dim", "pos_embed")
+
+
 def opts_train_prior(p: argparse.ArgumentParser) -> None:
-    from vqim.config import prior_presets
+    from vqim.config import PriorConfig, prior_presets
     from vqim.train.prior import PriorTrainConfig
 
     add_options(p, PriorTrainConfig, overrides={**_TRAIN_OVERRIDES, "preset": {"choices": prior_presets()}})
+    g = p.add_argument_group("model overrides (PriorConfig fields; default: the preset's)")
+    add_options(g, PriorConfig, only=PRIOR_MODEL_FIELDS, defaults=dict.fromkeys(PRIOR_MODEL_FIELDS))
 
 
 def cmd_train_prior(a: argparse.Namespace) -> None:
     from vqim.train.prior import PriorTrainConfig, train_prior
 
-    _print_json(train_prior(build(PriorTrainConfig, a)))
+    model = {k: getattr(a, k) for k in PRIOR_MODEL_FIELDS if getattr(a, k) is not None}
+    _print_json(train_prior(build(PriorTrainConfig, a, model=model)))
 
 
 def cmd_sample(a: argparse.Namespace) -> None:
