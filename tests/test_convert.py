@@ -21,19 +21,25 @@ from vqim.convert.safe_pickle import Placeholder, load_checkpoint
 FIXTURE = Path(__file__).parent / "fixtures" / "taming"
 
 
+def _matches_fixture(tok_dir: Path, outputs: Path):
+    """The converted tokenizer gives the source's codes, and its decoder output within 1e-5 (2 images, 8×8 tokens)."""
+    ref = load_file(outputs)
+    tok = Tokenizer.from_pretrained(tok_dir)
+    ids = tok.encode(ref["images"])
+    assert torch.equal(ids, ref["codes"])
+    with torch.no_grad():
+        raw = tok.decode_latents(tok.quantizer.decode_ids(ids.reshape(2, -1)), (8, 8))
+    assert (raw - ref["decoded"]).abs().max() < 1e-5
+    return tok, ids, ref
+
+
 def test_converted_taming_vqgan_gives_tamings_codes_and_reconstruction(tmp_path):
     res = convert(ConvertConfig(source="taming", checkpoint=str(FIXTURE / "taming_tiny.ckpt"),
                                 config=str(FIXTURE / "taming_tiny.yaml"), out=str(tmp_path / "tok")))  # fmt: skip
     assert res["kind"] == "tokenizer" and res["config"]["quant_proj"] is True
     with safe_open(FIXTURE / "taming_tiny_outputs.safetensors", "pt") as f:
         assert f.metadata()["commit"] == "3ba01b241669f5ade541ce990f7650a3b8f65318"
-    ref = load_file(FIXTURE / "taming_tiny_outputs.safetensors")
-    tok = Tokenizer.from_pretrained(tmp_path / "tok")
-    ids = tok.encode(ref["images"])
-    assert torch.equal(ids, ref["codes"])
-    with torch.no_grad():
-        raw = tok.decode_latents(tok.quantizer.decode_ids(ids.reshape(2, -1)), (8, 8))
-    assert (raw - ref["decoded"]).abs().max() < 1e-5
+    tok, ids, ref = _matches_fixture(tmp_path / "tok", FIXTURE / "taming_tiny_outputs.safetensors")
     assert (tok.decode(ids) - ((ref["decoded"] + 1) / 2).clamp(0, 1)).abs().max() < 1e-5
 
 
@@ -103,13 +109,7 @@ def test_converted_llamagen_vq_gives_llamagens_codes_and_reconstruction(tmp_path
     assert (c["l2_norm"], c["lookup_dim"], c["codebook_size"], c["cnn_ch_mult"]) == (True, 8, 16, (1, 2))
     with safe_open(lg / "llamagen_tiny_outputs.safetensors", "pt") as f:
         assert f.metadata()["commit"] == "ce98ec41803a74a90ce68c40ababa9eaeffeb4ec"
-    ref = load_file(lg / "llamagen_tiny_outputs.safetensors")
-    tok = Tokenizer.from_pretrained(tmp_path / "tok")
-    ids = tok.encode(ref["images"])
-    assert torch.equal(ids, ref["codes"])
-    with torch.no_grad():
-        raw = tok.decode_latents(tok.quantizer.decode_ids(ids.reshape(2, -1)), (8, 8))
-    assert (raw - ref["decoded"]).abs().max() < 1e-5
+    _matches_fixture(tmp_path / "tok", lg / "llamagen_tiny_outputs.safetensors")
     with pytest.raises(InputError, match="not a multiple of the tokenizer's downsampling 2"):
         convert(ConvertConfig(source="llamagen", checkpoint=str(lg / "llamagen_tiny.pt"), image_size=15,
                               out=str(tmp_path / "o")))  # fmt: skip

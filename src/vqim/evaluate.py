@@ -275,9 +275,9 @@ def evaluation_processes(device: str | torch.device = "auto") -> Processes:
     `cpu=True`) and evaluates on the device the launcher gave it; only the main process should write.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
+        from vqim.distributed import process_state
 
-        state = PartialState(cpu=not torch.cuda.is_available())
+        state = process_state()
         return Processes(torch.device(state.device), state.is_main_process, state.num_processes > 1)
     return Processes(resolve_device(device))
 

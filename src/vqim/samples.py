@@ -161,11 +161,9 @@ def canvas_grid(cfg_grid: str | None, cfg_image_size: str | None, prior: Any, to
 
 
 def _load_pair(cfg: SampleConfig | CompleteConfig) -> tuple[Any, Any, torch.device]:
-    """Check cfg.n, then load the prior and its tokenizer (checked together) on cfg.device."""
+    """Load the prior and its tokenizer (checked together) on cfg.device (cfg.n is checked by the config)."""
     from vqim.prior import load_prior_and_tokenizer
 
-    if cfg.n is not None and cfg.n < 1:
-        raise InputError(f"--n must be at least 1, got {cfg.n}")
     device = resolve_device(cfg.device)
     prior, tok = load_prior_and_tokenizer(cfg.prior, cfg.tokenizer, device)
     return prior, tok, device

@@ -863,7 +863,7 @@ def serve(cfg: ServeConfig) -> None:
                 "listening on %s: anyone who can reach it can use the models and upload images", cfg.host
             )
         app = create_app(cfg)
-        print(f"vqim serve: open {url_of(sock)} in a browser (Ctrl+C stops the server)", flush=True)
+        log.warning("vqim serve: open %s in a browser (Ctrl+C stops the server)", url_of(sock))
         uvicorn.Server(uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=3)).run(sockets=[sock])
     finally:
         sock.close()
