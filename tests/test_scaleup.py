@@ -146,7 +146,7 @@ def test_the_tools_are_command_line_flags(capsys):
 
 
 def test_the_documented_fsdp_config_loads_and_names_vqims_block():
-    """FSDP itself needs accelerators (Accelerate runs CPU processes as DDP); its configuration path is tested."""
+    """The GPU configuration loads and names vqim's block (sharded training itself: tests/test_fsdp.py on CPU)."""
     from accelerate.commands.config.config_args import load_config_from_file
 
     import vqim.nn.transformer as tr

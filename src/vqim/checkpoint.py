@@ -258,10 +258,19 @@ class PretrainedMixin:
     config_class: ClassVar[type]
     pretrained_dir: Path | None = None
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
+    def save_pretrained(
+        self, directory: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None
+    ) -> None:
         """Write `config.json` and `model.safetensors` into directory (atomically, file by file); a weight average
-        left there by an earlier model is removed, so it cannot be loaded in place of these weights."""
-        save_model_dir(directory, self.checkpoint_kind, self.config.to_dict(), self.state_dict())
+        left there by an earlier model is removed, so it cannot be loaded in place of these weights.
+
+        Args:
+            directory: the folder to write.
+            state_dict: the weights to write (default: this module's `state_dict()`); a sharded model passes its
+                gathered full state dict.
+        """
+        weights = self.state_dict() if state_dict is None else state_dict
+        save_model_dir(directory, self.checkpoint_kind, self.config.to_dict(), weights)
         (Path(directory) / EMA_NAME).unlink(missing_ok=True)
         self.pretrained_dir = Path(directory)
 

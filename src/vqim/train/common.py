@@ -64,23 +64,28 @@ def save_checkpoint(
     root: Path,
     step: int,
     model,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | dict[str, Any],
     scheduler,
     extra_tensors: dict[str, torch.Tensor],
     meta: dict[str, Any],
     keep: int,
     after_commit: Callable[[], None] | None = None,
     before_commit: Callable[[], None] | None = None,
+    model_state: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write model (save_pretrained layout) + training state into root/step-N, atomically, on all processes.
 
     The main process writes the model, optimizer, scheduler and `meta`; every process writes its RNG state;
     the folder is renamed into place once complete (then the main process calls `after_commit`). Pruning keeps
-    the `keep` newest checkpoints of the run named by `meta["run_id"]`.
+    the `keep` newest checkpoints of the run named by `meta["run_id"]`. A sharded run passes its gathered
+    `model_state` and optimizer state dict (see `vqim.train.sharding`).
     """
     tmp = st.tmp_dir(root, step)
     if acc.is_main_process:
-        model.save_pretrained(tmp)
+        if model_state is None:
+            model.save_pretrained(tmp)
+        else:
+            model.save_pretrained(tmp, state_dict=model_state)
         tensors, ometa = st.optimizer_to_flat(optimizer, "opt")
         tensors.update(extra_tensors)
         full = {"step": step, "optimizer": ometa, "scheduler": scheduler.state_dict(), **meta}
@@ -100,11 +105,25 @@ def save_checkpoint(
 
 
 def restore_checkpoint(
-    directory: Path, rank: int, optimizer: torch.optim.Optimizer, scheduler
+    directory: Path,
+    rank: int,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    sharded_model: nn.Module | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Load optimizer, scheduler and this process's RNG state; returns the shared (tensors, meta)."""
+    """Load optimizer, scheduler and this process's RNG state; returns the shared (tensors, meta).
+
+    With `sharded_model` (an FSDP run), each process loads its shard of the saved whole optimizer state.
+    """
     tensors, meta = st.read_shared_state(directory)
-    st.optimizer_from_flat(optimizer, "opt", tensors, meta["optimizer"])
+    if sharded_model is not None:
+        from vqim.train import sharding
+
+        sharding.load_optimizer_state(
+            sharded_model, optimizer, st.optimizer_state_from_flat("opt", tensors, meta["optimizer"])
+        )
+    else:
+        st.optimizer_from_flat(optimizer, "opt", tensors, meta["optimizer"])
     scheduler.load_state_dict(meta["scheduler"])
     rt, rm = st.read_process_state(directory, rank)
     st.set_rng_state(rt, rm)

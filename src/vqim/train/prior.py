@@ -99,6 +99,7 @@ class PriorTrainer(Trainer):
     summary_file = "metrics.json"
     outputs = (*Trainer.outputs, "tokens.json")
     fixed_settings = ("preset", "model", "dropout", "class_dropout", "unconditional")
+    supports_fsdp = True
     cfg: PriorTrainConfig
 
     def setup(self) -> Prior:

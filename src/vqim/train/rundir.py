@@ -31,7 +31,7 @@ RESUMABLE = frozenset(
     {
         "out", "steps", "resume", "overwrite", "override", "progress", "num_workers", "log_every", "ckpt_every",
         "keep_checkpoints", "max_minutes", "compile", "max_nonfinite", "image_every", "eval_every",
-        "mixed_precision", "checkpoint_activations",
+        "mixed_precision", "checkpoint_activations", "fsdp",
     }
 )  # fmt: skip
 

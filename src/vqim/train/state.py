@@ -24,9 +24,11 @@ from vqim.checkpoint import load_tensors, read_json, save_tensors, write_json
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-def optimizer_to_flat(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimizer state dict into tensors (for safetensors) and JSON-able metadata."""
-    sd = opt.state_dict()
+def optimizer_to_flat(
+    opt: torch.optim.Optimizer | dict[str, Any], prefix: str
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer's state dict (or such a dict) into tensors (for safetensors) and JSON-able metadata."""
+    sd = opt if isinstance(opt, dict) else opt.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for pid, st in sd["state"].items():
@@ -39,6 +41,11 @@ def optimizer_to_flat(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str
 
 
 def optimizer_from_flat(opt: torch.optim.Optimizer, prefix: str, tensors: dict, meta: dict) -> None:
+    opt.load_state_dict(optimizer_state_from_flat(prefix, tensors, meta))
+
+
+def optimizer_state_from_flat(prefix: str, tensors: dict, meta: dict) -> dict[str, Any]:
+    """The optimizer state dict that `optimizer_to_flat` split."""
     state: dict[int, dict[str, Any]] = {}
     head = f"{prefix}.state."
     for key, val in tensors.items():
@@ -47,7 +54,7 @@ def optimizer_from_flat(opt: torch.optim.Optimizer, prefix: str, tensors: dict, 
             state.setdefault(int(pid), {})[name] = val
     for pid, sc in meta["scalars"].items():
         state.setdefault(int(pid), {}).update(sc)
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:

@@ -18,7 +18,6 @@ import abc
 import contextlib
 import dataclasses
 import logging
-import math
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -32,7 +31,7 @@ from torch import nn
 from vqim.checkpoint import EMA_NAME, read_json, save_tensors, write_json
 from vqim.errors import InputError, check_settings
 from vqim.options import option
-from vqim.train import rundir
+from vqim.train import rundir, sharding
 from vqim.train import state as st
 from vqim.train.common import (
     gather_names,
@@ -91,6 +90,9 @@ class TrainConfig:
             e.g. 0.999); saved as ema.safetensors beside model.safetensors, which from_pretrained then loads.
         checkpoint_activations: recompute each Transformer block in the backward pass instead of keeping its
             activations (less memory, about one more forward of compute).
+        fsdp: shard weights, gradients and Adam moments over the processes (PyTorch FSDP2, one unit per
+            Transformer block) instead of replicating them (DDP): for priors that do not fit one device. Also
+            taken when `accelerate launch` is configured for FSDP. Checkpoints hold the whole state either way.
     """
 
     out: str
@@ -117,6 +119,7 @@ class TrainConfig:
     grad_accum: int = 1
     ema_decay: float = 0.0
     checkpoint_activations: bool = False
+    fsdp: bool = option(False, negatable=False)
 
     def __post_init__(self) -> None:
         check_settings(
@@ -213,27 +216,28 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = decay
         self.names, self.params = zip(*[(n, p) for n, p in model.named_parameters()], strict=True)
-        self.shadow = [p.detach().clone() for p in self.params]
+        self.shadow = [p.detach().clone() for p in self.params]  # sharded like the weights under FSDP
 
     @torch.no_grad()
     def update(self) -> None:
         torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - self.decay)
 
     def tensors(self, prefix: str = "ema.") -> dict[str, torch.Tensor]:
-        return {prefix + n: t for n, t in zip(self.names, self.shadow, strict=True)}
+        """The whole averaged tensors by parameter name (under FSDP a collective: every process calls it)."""
+        return {prefix + n: sharding.full_tensor(t) for n, t in zip(self.names, self.shadow, strict=True)}
 
+    @torch.no_grad()
     def load(self, tensors: dict[str, torch.Tensor], prefix: str = "ema.") -> None:
         missing = [n for n in self.names if prefix + n not in tensors]
         if missing:
             raise InputError(f"the checkpoint has no weight average for {', '.join(missing[:3])}")
         for n, t in zip(self.names, self.shadow, strict=True):
-            t.copy_(tensors[prefix + n].to(t.device))
+            local = t.to_local() if hasattr(t, "to_local") else t
+            local.copy_(sharding.local_shard(tensors[prefix + n], t))
 
-    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The model's state dict with the averaged parameters in place of the current ones."""
-        sd = dict(model.state_dict())
-        sd.update(self.tensors(prefix=""))
-        return sd
+    def state_dict(self, model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A model state dict (the whole one) with the averaged parameters in place of the current ones."""
+        return {**model_state, **self.tensors(prefix="")}
 
 
 class Trainer(abc.ABC):
@@ -258,6 +262,8 @@ class Trainer(abc.ABC):
     )
     # Settings that define the model: a resumed run takes them from its checkpoint, so they must match.
     fixed_settings: tuple[str, ...] = ("preset", "model")
+    # Whether the model may be sharded (--fsdp): a trainer that edits whole weights in place cannot be.
+    supports_fsdp = False
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
@@ -276,6 +282,12 @@ class Trainer(abc.ABC):
         self.counters: dict[str, int] = {"nonfinite_steps": 0}
         self.writer = None
         self.ema: EMA | None = None
+        self.sharded = False  # FSDP: the weights, gradients and optimizer state are split over the processes
+        if self._fsdp_requested() and not self.supports_fsdp:
+            raise InputError(
+                f"--fsdp: {self.desc} does not shard its model (it edits whole weights in place); train it with "
+                f"DDP (leave out --fsdp and any FSDP accelerate config)"
+            )
         # Called on every process at the end of a completed run with (unwrapped model, accelerator).
         self.on_end: Callable[[nn.Module, Any], None] | None = None
 
@@ -330,15 +342,26 @@ class Trainer(abc.ABC):
     def write_records(self) -> None:  # noqa: B027 - optional hook
         """Write what describes the run besides train_config.json (e.g. the prior's tokens.json); main process."""
 
+    def model_state(self) -> dict[str, torch.Tensor] | None:
+        """The whole weights for writing (None: the model's own state_dict). Every process calls it: a sharded
+        model's weights are gathered onto the main process."""
+        return sharding.full_model_state(self.raw) if self.sharded else None
+
     def save_final(self) -> None:
-        """Write the final model into the output folder (main process), and its weight average if kept."""
-        self.raw.save_pretrained(self.out)
+        """Write the final model into the output folder, and its weight average if kept. Every process calls it
+        (a sharded model is gathered); the main process writes."""
+        state = self.model_state()
+        ema = None
         if self.ema is not None:
-            save_tensors(
-                self.out / EMA_NAME,
-                self.ema.state_dict(self.raw),
-                metadata={"ema_decay": str(self.ema.decay)},
-            )
+            ema = self.ema.state_dict(state if state is not None else self.raw.state_dict())
+        if not self.main:
+            return
+        if state is None:
+            self.raw.save_pretrained(self.out)
+        else:
+            self.raw.save_pretrained(self.out, state_dict=state)
+        if ema is not None:
+            save_tensors(self.out / EMA_NAME, ema, metadata={"ema_decay": str(self.ema.decay)})
 
     # ------------------------------------------------------------------ the loop
     def no_decay(self, name: str, param: nn.Parameter) -> bool:
@@ -386,12 +409,6 @@ class Trainer(abc.ABC):
 
     def _make_ema(self, saved: dict[str, torch.Tensor]) -> EMA:
         """The weight average of the prepared model: resumed from the checkpoint's, or started from the weights."""
-        from accelerate.utils import DistributedType
-
-        if self.acc.distributed_type == DistributedType.FSDP:
-            raise InputError(
-                "--ema-decay is not supported under FSDP yet (the weights are sharded): leave it out"
-            )
         ema = EMA(self.raw, self.cfg.ema_decay)
         if saved:
             ema.load(saved)
@@ -428,13 +445,20 @@ class Trainer(abc.ABC):
         torch.manual_seed(cfg.seed)  # identical initial weights on every process
         model = self.setup()
         self.raw = model
+        self.sharded = self._use_fsdp()
+        if cfg.checkpoint_activations:
+            self._checkpoint_activations(model)
+        if self.sharded:  # before the optimizer is built: it holds this process's shards only
+            model = sharding.shard_model(model.to(self.device), self._reshard_after_forward())
         self.optimizer = torch.optim.AdamW(
             param_groups(model, cfg.weight_decay, self.no_decay), lr=cfg.lr, betas=cfg.betas, fused=True
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_lambda)
         meta: dict[str, Any] = {}
         if self.resume_from is not None:
-            tensors, meta = restore_checkpoint(self.resume_from, self.rank, self.optimizer, self.scheduler)
+            tensors, meta = restore_checkpoint(
+                self.resume_from, self.rank, self.optimizer, self.scheduler, model if self.sharded else None
+            )
             self.step = int(meta["step"])
             self.run_id = str(meta.get("run_id", ""))
             self.skipped = set(meta.get("skipped", []))
@@ -445,18 +469,13 @@ class Trainer(abc.ABC):
             ema_tensors = {}
             torch.manual_seed(cfg.seed + 1000 * self.rank)  # per-process randomness (dropout, noise)
 
-        if cfg.checkpoint_activations:
-            from vqim.nn.transformer import Transformer
-
-            stacks = [m for m in model.modules() if isinstance(m, Transformer)]
-            for m in stacks:
-                m.checkpoint_activations = True
-            if not stacks:
-                log.warning(
-                    "--checkpoint-activations: the model has no Transformer blocks; nothing to recompute"
-                )
-        self.model, self.optimizer = acc.prepare(model, self.optimizer)
-        self.raw = acc.unwrap_model(self.model)
+        if self.sharded:
+            # Sharded by vqim itself, on any device: Accelerate launches the processes and places the data, and
+            # is not given the model or optimizer (it would wrap them again).
+            self.model = self.raw = model
+        else:
+            self.model, self.optimizer = acc.prepare(model, self.optimizer)
+            self.raw = acc.unwrap_model(self.model)
         if cfg.ema_decay > 0:  # after prepare: the average lives where the weights now are
             self.ema = self._make_ema(ema_tensors)
         self.prepare_extra()
@@ -489,7 +508,14 @@ class Trainer(abc.ABC):
                 batch = next(data)
                 self.skipped.update(batch.get("skipped", ()))
                 # Gradients are all-reduced on the last micro-batch only.
-                with acc.no_sync(self.model) if micro < accum - 1 else contextlib.nullcontext():
+                last = micro == accum - 1
+                if self.sharded:
+                    if accum > 1:
+                        self.model.set_requires_gradient_sync(last)
+                    sync = acc.autocast()  # the model is not prepared by Accelerate, so autocast here
+                else:
+                    sync = contextlib.nullcontext() if last else acc.no_sync(self.model)
+                with sync:
                     out = self.compute_loss(self.model, batch)
                     acc.backward(out.loss / accum if accum > 1 else out.loss)
                 items += out.items
@@ -546,14 +572,39 @@ class Trainer(abc.ABC):
 
     def _clip(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(gradient norm, clipping divisor for the optimizer step) of the model's gradients."""
+        if self.sharded:  # the norm of the whole gradient, from every process's shards
+            norm = sharding.total_grad_norm(self.raw.parameters())
+        else:  # DDP: gradients are already all-reduced, equal everywhere
+            norm = grad_norm(self.model.parameters())
+        return norm, clip_scale(norm, self.cfg.grad_clip)
+
+    def _use_fsdp(self) -> bool:
+        """Whether to shard the model: --fsdp, or an Accelerate launch configured for FSDP."""
+        if not self._fsdp_requested():
+            return False
+        if self.world == 1:
+            log.info("--fsdp on one process: nothing to shard; training unsharded")
+            return False
+        return True
+
+    def _fsdp_requested(self) -> bool:
         from accelerate.utils import DistributedType
 
-        if self.acc.distributed_type == DistributedType.FSDP:
-            # Sharded gradients: FSDP computes the global norm and clips in place.
-            limit = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
-            return self.acc.clip_grad_norm_(self.model.parameters(), limit), None
-        norm = grad_norm(self.model.parameters())  # DDP: gradients are already all-reduced, equal everywhere
-        return norm, clip_scale(norm, self.cfg.grad_clip)
+        return self.cfg.fsdp or self.acc.distributed_type == DistributedType.FSDP
+
+    def _reshard_after_forward(self) -> bool:
+        plugin = getattr(self.acc.state, "fsdp_plugin", None)
+        value = getattr(plugin, "reshard_after_forward", True)
+        return value if isinstance(value, bool) else True
+
+    def _checkpoint_activations(self, model: nn.Module) -> None:
+        from vqim.nn.transformer import Transformer
+
+        stacks = [m for m in model.modules() if isinstance(m, Transformer)]
+        for m in stacks:
+            m.checkpoint_activations = True
+        if not stacks:
+            log.warning("--checkpoint-activations: the model has no Transformer blocks; nothing to recompute")
 
     def _show(self, bar) -> None:
         keys = [k for k in ("loss", "psnr", "usage", "bits_per_token") if k in self.last]
@@ -570,6 +621,9 @@ class Trainer(abc.ABC):
         tensors, meta = self.extra_state()
         if self.ema is not None:
             tensors = {**tensors, **self.ema.tensors()}
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+        if self.sharded:  # gathered onto the main process, numbered like an unsharded run's
+            optimizer = sharding.full_optimizer_state(self.raw, optimizer)
         meta = {
             **meta,
             "skipped": sorted(self.skipped),
@@ -577,9 +631,9 @@ class Trainer(abc.ABC):
             "run_id": self.run_id,
         }
         save_checkpoint(
-            self.acc, self.ckpt_root, self.step, self.raw, self.optimizer.optimizer, self.scheduler,
-            tensors, meta, self.cfg.keep_checkpoints, after_commit=self._after_commit,
-            before_commit=self._before_commit,
+            self.acc, self.ckpt_root, self.step, self.raw, optimizer, self.scheduler, tensors, meta,
+            self.cfg.keep_checkpoints, after_commit=self._after_commit, before_commit=self._before_commit,
+            model_state=self.model_state(),
         )  # fmt: skip
 
     def _finish(self, t0: float, start_step: int, stop_reason: str | None) -> dict[str, Any]:
@@ -594,6 +648,11 @@ class Trainer(abc.ABC):
             **self.counters,
             "last": self.last,
             "processes": self.world,
+            "sharded": self.sharded,
+            # Weights this process holds (the main process's shard under FSDP; the whole model otherwise).
+            "weight_bytes_per_process": sum(
+                (p.to_local() if hasattr(p, "to_local") else p).nbytes for p in self.raw.parameters()
+            ),
             "completed": stop_reason is None and self.step >= self.cfg.steps,
             **self.summary_extra(),
         }
@@ -607,9 +666,9 @@ class Trainer(abc.ABC):
                 f"{self.step}); training stopped. Last good checkpoint: {good or 'none'}; resume from it "
                 f"with a lower --lr (or --grad-clip)."
             )
+        if stop_reason is None:
+            self.save_final()
         if self.main:
-            if stop_reason is None:
-                self.save_final()
             if self.replacement is None:
                 write_json(self.out / self.summary_file, summary)
             else:  # stopped before its first checkpoint: the run it was to replace stays as it was
