@@ -11,25 +11,27 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, safe_open
 
 from vqim import InputError, Tokenizer
 from vqim.cli import main
-from vqim.convert import ConvertConfig, convert
+from vqim.convert import ConvertConfig, convert, enhancing
 from vqim.convert.safe_pickle import Placeholder, load_checkpoint
 
 FIXTURE = Path(__file__).parent / "fixtures" / "taming"
 
 
-def _matches_fixture(tok_dir: Path, outputs: Path):
-    """The converted tokenizer gives the source's codes, and its decoder output within 1e-5 (2 images, 8×8 tokens)."""
+def _matches_fixture(tok_dir: Path, outputs: Path, pixels: bool = False):
+    """The converted tokenizer gives the source's codes, and its decoder output within 1e-5 (with pixels: its
+    unclamped image of the codes, for a source that decodes to [0, 1])."""
     ref = load_file(outputs)
     tok = Tokenizer.from_pretrained(tok_dir)
     ids = tok.encode(ref["images"])
     assert torch.equal(ids, ref["codes"])
     with torch.no_grad():
-        raw = tok.decode_latents(tok.quantizer.decode_ids(ids.reshape(2, -1)), (8, 8))
-    assert (raw - ref["decoded"]).abs().max() < 1e-5
+        raw = tok.decode_latents(tok.quantizer.decode_ids(ids.reshape(len(ids), -1)), tuple(ids.shape[1:]))
+    assert ((tok.to_image(raw) if pixels else raw) - ref["decoded"]).abs().max() < 1e-5
     return tok, ids, ref
 
 
@@ -152,6 +154,12 @@ def test_the_options_added_for_conversion_leave_existing_identities_unchanged():
     from vqim import PriorConfig, TokenizerConfig
 
     assert "quant_proj" not in TokenizerConfig().to_dict() and "pos_embed" not in PriorConfig().to_dict()
+    added = ("vit_head", "enc_head_dim", "dec_head_dim", "qkv_bias", "mlp_act")
+    assert not set(added) & set(TokenizerConfig().to_dict())
+    changed = TokenizerConfig(
+        vit_head="linear", enc_head_dim=64, dec_head_dim=64, qkv_bias=False, mlp_act="tanh"
+    )
+    assert TokenizerConfig.from_dict(changed.to_dict()) == changed and set(added) <= set(changed.to_dict())
     assert TokenizerConfig(quant_proj=True).to_dict()["quant_proj"] is True
     assert PriorConfig(pos_embed="1d").to_dict()["pos_embed"] == "1d"
     assert TokenizerConfig.from_dict(TokenizerConfig(quant_proj=True).to_dict()).quant_proj
@@ -178,3 +186,126 @@ def test_what_a_pickle_names_is_never_reached_or_changed(tmp_path):
                _use_new_zipfile_serialization=False)  # fmt: skip
     with pytest.raises(InputError, match="legacy"):
         load_checkpoint(tmp_path / "legacy.pt")
+
+
+# ---------------------------------------------------------------------------------------------- enhancing
+ENH = Path(__file__).parent / "fixtures" / "enhancing"
+
+
+def _enhancing_ckpt(tmp_path: Path, sd: dict[str, torch.Tensor]) -> Path:
+    """sd in a Lightning checkpoint as ViTVQ's are saved: with loss.* keys and non-tensor hyper-parameters."""
+    state = {**sd, "loss.discriminator.main.0.weight": torch.randn(4, 3, 4, 4)}
+    path = tmp_path / "vitvq.ckpt"
+    torch.save({"state_dict": state, "epoch": 3, "global_step": 100,
+                "hyper_parameters": {"args": argparse.Namespace(base=["configs/imagenet_vitvq_small.yaml"])}},
+               path)  # fmt: skip
+    return path
+
+
+def test_converted_enhancing_vitvqgan_gives_its_codes_and_reconstruction(tmp_path):
+    sd = load_file(ENH / "enhancing_tiny.safetensors")
+    res = convert(ConvertConfig(source="enhancing", checkpoint=str(_enhancing_ckpt(tmp_path, sd)),
+                                config=str(ENH / "enhancing_tiny.yaml"), out=str(tmp_path / "tok")))  # fmt: skip
+    c = res["config"]
+    assert (c["vit_head"], c["qkv_bias"], c["mlp_act"], c["pos_embed"]) == ("linear", False, "tanh", "sincos")
+    assert (c["enc_head_dim"], c["dec_head_dim"], c["lookup_dim"], c["l2_norm"]) == (16, 64, 8, True)
+    with safe_open(ENH / "enhancing_tiny_outputs.safetensors", "pt") as f:
+        assert f.metadata()["commit"] == "e1c185da5cc0eeefdded68cbff888d5b9c248372"
+    tok, ids, ref = _matches_fixture(
+        tmp_path / "tok", ENH / "enhancing_tiny_outputs.safetensors", pixels=True
+    )
+    assert (tok.decode(ids) - ref["decoded"].clamp(0, 1)).abs().max() < 1e-5
+    # The source's trained parameters, one for one (its fixed position tables are not trained; vqim's are buffers).
+    assert res["params"]["total"] == sum(v.numel() for k, v in sd.items() if "pos_embedding" not in k)
+    # Straight from the weights file too, and with the tables kept as learned ones (what a checkpoint whose tables
+    # are not the sine-cosine ones gets): the same codes and images.
+    convert(ConvertConfig(source="enhancing", checkpoint=str(ENH / "enhancing_tiny.safetensors"),
+                          config=str(ENH / "enhancing_tiny.yaml"), out=str(tmp_path / "tok2")))  # fmt: skip
+    _matches_fixture(tmp_path / "tok2", ENH / "enhancing_tiny_outputs.safetensors", pixels=True)
+    config = yaml.safe_load((ENH / "enhancing_tiny.yaml").read_text())
+    moved = {**sd, "decoder.de_pos_embedding": sd["decoder.de_pos_embedding"] + 0.01}
+    assert enhancing.tokenizer_config(config, moved, "x").pos_embed == "learned"
+    learned = enhancing.tokenizer_config(config, {**sd, "encoder.en_pos_embedding": torch.zeros(1)}, "x")
+    assert learned.pos_embed == "learned"
+    model = Tokenizer(learned)
+    model.load_state_dict(enhancing.tokenizer_state(sd, learned, "x"))
+    model.save_pretrained(tmp_path / "tok3")
+    _matches_fixture(tmp_path / "tok3", ENH / "enhancing_tiny_outputs.safetensors", pixels=True)
+
+
+# The model sections of enhancing-transformers' configs/imagenet_vitvq_{small,base,large}.yaml.
+_VITVQ = {
+    "small": ((512, 8, 8, 2048), (512, 8, 8, 2048)),
+    "base": ((768, 12, 12, 3072), (768, 12, 12, 3072)),
+    "large": ((512, 8, 8, 2048), (1280, 32, 16, 5120)),
+}
+
+
+def _vitvq_shapes(params: dict) -> dict[str, tuple[int, ...]]:
+    """The shapes of a ViTVQ state dict (vitvqgan.py, layers.py, quantizers.py), less loss.*."""
+    p, g = params["patch_size"], params["image_size"] // params["patch_size"]
+    e, q = params["quantizer"]["embed_dim"], params["quantizer"]["n_embed"]
+    shapes: dict[str, tuple[int, ...]] = {
+        "quantizer.embedding.weight": (q, e), "pre_quant.weight": (e, params["encoder"]["dim"]),
+        "pre_quant.bias": (e,), "post_quant.weight": (params["decoder"]["dim"], e),
+        "post_quant.bias": (params["decoder"]["dim"],),
+    }  # fmt: skip
+    for side, pos in (("encoder", "en_pos_embedding"), ("decoder", "de_pos_embedding")):
+        s = params[side]
+        d, m, inner = s["dim"], s["mlp_dim"], s["heads"] * s.get("dim_head", 64)
+        shapes[f"{side}.{pos}"] = (1, g * g, d)
+        for i in range(s["depth"]):
+            t = f"{side}.transformer.layers.{i}"
+            shapes.update({f"{t}.0.norm.weight": (d,), f"{t}.0.norm.bias": (d,), f"{t}.0.fn.to_qkv.weight": (3 * inner, d),
+                           f"{t}.0.fn.to_out.weight": (d, inner), f"{t}.0.fn.to_out.bias": (d,), f"{t}.1.norm.weight": (d,),
+                           f"{t}.1.norm.bias": (d,), f"{t}.1.fn.net.0.weight": (m, d), f"{t}.1.fn.net.0.bias": (m,),
+                           f"{t}.1.fn.net.2.weight": (d, m), f"{t}.1.fn.net.2.bias": (d,)})  # fmt: skip
+        shapes[f"{side}.transformer.norm.weight"] = shapes[f"{side}.transformer.norm.bias"] = (d,)
+    d_enc, d_dec = params["encoder"]["dim"], params["decoder"]["dim"]
+    shapes.update({"encoder.to_patch_embedding.0.weight": (d_enc, 3, p, p), "encoder.to_patch_embedding.0.bias": (d_enc,),
+                   "decoder.to_pixel.1.weight": (d_dec, 3, p, p), "decoder.to_pixel.1.bias": (3,)})  # fmt: skip
+    return shapes
+
+
+@pytest.mark.parametrize("size", sorted(_VITVQ))
+def test_full_size_enhancing_vitvqgans_convert_with_the_sources_parameter_counts(size):
+    from vqim.nn.transformer import sincos_2d
+
+    (ed, edepth, eh, em), (dd, ddepth, dh, dm) = _VITVQ[size]
+    params = {"image_key": "image", "image_size": 256, "patch_size": 8,
+              "encoder": {"dim": ed, "depth": edepth, "heads": eh, "mlp_dim": em},
+              "decoder": {"dim": dd, "depth": ddepth, "heads": dh, "mlp_dim": dm},
+              "quantizer": {"embed_dim": 32, "n_embed": 8192}}  # fmt: skip
+    shapes = _vitvq_shapes(params)
+    # Weights on the meta device (shapes, no memory); the fixed tables as the source makes them, in vqim's layout.
+    sd = {k: torch.empty(s, device="meta") for k, s in shapes.items() if "pos_embedding" not in k}
+    sd["encoder.en_pos_embedding"] = sincos_2d(32, 32, ed)[None]
+    sd["decoder.de_pos_embedding"] = sincos_2d(32, 32, dd)[None]
+    cfg = enhancing.tokenizer_config({"model": {"target": "enhancing.modules.stage1.vitvqgan.ViTVQ", "params": params}},
+                                     sd, f"imagenet_vitvq_{size}.yaml")  # fmt: skip
+    assert cfg.pos_embed == "sincos" and cfg.dec_head_dim == 64
+    state = enhancing.tokenizer_state(sd, cfg, "x")
+    with torch.device("meta"):
+        tok = Tokenizer(cfg)
+    shape = lambda d: {k: tuple(v.shape) for k, v in d.items()}
+    assert shape(state) == shape(tok.state_dict())
+    trained = sum(torch.Size(s).numel() for k, s in shapes.items() if "pos_embedding" not in k)
+    assert tok.num_params()["total"] == trained
+
+
+def test_enhancing_configs_it_cannot_convert_are_refused(tmp_path):
+    config = yaml.safe_load((ENH / "enhancing_tiny.yaml").read_text())
+    sd = load_file(ENH / "enhancing_tiny.safetensors")
+    config["model"]["params"]["quantizer"]["use_residual"] = True
+    with pytest.raises(InputError, match="residual quantizers are not converted"):
+        enhancing.tokenizer_config(config, sd, "x.yaml")
+    with pytest.raises(InputError, match="only enhancing-transformers' ViTVQ"):
+        enhancing.tokenizer_config(
+            {"model": {"target": "enhancing.modules.stage1.vitvqgan.ViTVQGumbel"}}, sd, "x"
+        )
+    with pytest.raises(InputError, match="--config is needed for --source enhancing"):
+        convert(ConvertConfig(source="enhancing", checkpoint=str(ENH / "enhancing_tiny.safetensors"),
+                              out=str(tmp_path / "o")))  # fmt: skip
+    with pytest.raises(InputError, match="lacks encoder.to_patch_embedding.0.weight"):
+        convert(ConvertConfig(source="enhancing", checkpoint=str(FIXTURE / "taming_tiny.ckpt"),
+                              config=str(ENH / "enhancing_tiny.yaml"), out=str(tmp_path / "o")))  # fmt: skip

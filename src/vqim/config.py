@@ -47,6 +47,15 @@ class TokenizerConfig:
             0 disables restarts.
         pos_embed: ViT position embedding: "learned" or "sincos" (fixed 2-D sine-cosine). The paper does not
             say; learned is default.
+        vit_head: ViT output heads: "tanh_mlp" (the paper's two-layer feed-forward with tanh after each
+            Transformer) or "linear" (enhancing-transformers' ViT-VQGAN): the encoder has no head (its
+            Transformer's final LayerNorm feeds the quantizer's project_in) and the decoder maps each token
+            linearly to its p×p×C pixels with one bias per channel (a stride-p transposed convolution).
+        enc_head_dim: width of each encoder attention head; 0 means enc_dim / enc_heads. Other widths make
+            the heads together enc_heads · enc_head_dim wide (ViT only).
+        dec_head_dim: width of each decoder attention head; 0 means dec_dim / dec_heads (ViT only).
+        qkv_bias: the attention's q, k, v projection has a bias (ViT only).
+        mlp_act: activation of the Transformer MLPs: "gelu" or "tanh" (ViT only).
         logit_laplace: decoder emits 6 channels (μ, ln b) for the logit-Laplace loss (DALL-E A.3);
             otherwise it emits 3 channels in [-1, 1] space.
         vq_weight: weight of the VQ loss. The reconstruction-side loss is (docs/papers.md) L = L_VQ +
@@ -80,6 +89,11 @@ class TokenizerConfig:
     codebook_init: Literal["normal", "data"] = "normal"
     dead_code_window: int = 0
     pos_embed: Literal["learned", "sincos"] = "learned"
+    vit_head: Literal["tanh_mlp", "linear"] = "tanh_mlp"
+    enc_head_dim: int = 0
+    dec_head_dim: int = 0
+    qkv_bias: bool = True
+    mlp_act: Literal["gelu", "tanh"] = "gelu"
     logit_laplace: bool = True
     vq_weight: float = 1.0
     l2_weight: float = 1.0
@@ -111,7 +125,10 @@ class TokenizerConfig:
             )
         for prefix in ("enc", "dec"):
             dim, heads = getattr(self, f"{prefix}_dim"), getattr(self, f"{prefix}_heads")
-            if dim % heads:
+            head_dim = getattr(self, f"{prefix}_head_dim")
+            if head_dim < 0:
+                raise InputError(f"{prefix}_head_dim must be >= 0 (0: {prefix}_dim / {prefix}_heads)")
+            if dim % heads and not head_dim:
                 raise InputError(f"{prefix}_dim {dim} is not divisible by {prefix}_heads {heads}")
         if self.lookup_dim <= 0:
             raise InputError(f"lookup_dim must be positive, got {self.lookup_dim}")
@@ -121,6 +138,10 @@ class TokenizerConfig:
             raise InputError(f"codebook_init must be 'normal' or 'data', got {self.codebook_init!r}")
         if self.pos_embed not in ("learned", "sincos"):
             raise InputError(f"pos_embed must be 'learned' or 'sincos', got {self.pos_embed!r}")
+        if self.vit_head not in ("tanh_mlp", "linear"):
+            raise InputError(f"vit_head must be 'tanh_mlp' or 'linear', got {self.vit_head!r}")
+        if self.mlp_act not in ("gelu", "tanh"):
+            raise InputError(f"mlp_act must be 'gelu' or 'tanh', got {self.mlp_act!r}")
         if self.dead_code_window < 0:
             raise InputError("dead_code_window must be >= 0 (0 disables restarts)")
 
@@ -161,10 +182,14 @@ class TokenizerConfig:
 
 # Fields added after configs were first written, left out of `to_dict` at their default: the config hash and the
 # tokenizer fingerprint of every existing model stay what they were.
-_OMIT_AT_DEFAULT = {"quant_proj": False}
+_OMIT_AT_DEFAULT = {
+    "quant_proj": False, "vit_head": "tanh_mlp", "enc_head_dim": 0, "dec_head_dim": 0, "qkv_bias": True,
+    "mlp_act": "gelu",
+}  # fmt: skip
 
 # Fields only one architecture reads (the CNN's latent width is enc_dim = dec_dim).
-_VIT_ONLY = ("enc_depth", "enc_heads", "enc_mlp_dim", "dec_depth", "dec_heads", "dec_mlp_dim", "pos_embed")
+_VIT_ONLY = ("enc_depth", "enc_heads", "enc_mlp_dim", "dec_depth", "dec_heads", "dec_mlp_dim", "pos_embed",
+             "vit_head", "enc_head_dim", "dec_head_dim", "qkv_bias", "mlp_act")  # fmt: skip
 _CNN_ONLY = ("cnn_channels", "cnn_ch_mult", "cnn_num_res_blocks", "cnn_attn_resolutions")
 
 

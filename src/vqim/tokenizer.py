@@ -2,7 +2,8 @@
 
 Images enter as float (B, 3, H, W) in [0, 1] and are mapped to [-1, 1] for the encoder. The decoder emits,
 per token, a p×p×C patch: C = 6 (μ and ln b per RGB channel) for the logit-Laplace loss, whose image is
-φ⁻¹(sigmoid(μ)); otherwise C = 3 in [-1, 1] space.
+φ⁻¹(sigmoid(μ)); otherwise C = 3 in [-1, 1] space. The output heads are the paper's tanh feed-forwards, or
+(`TokenizerConfig.vit_head="linear"`) none on the encoder and a per-token linear map to pixels on the decoder.
 """
 
 from __future__ import annotations
@@ -75,8 +76,37 @@ def tanh_head(dim: int, hidden: int, out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, out))
 
 
+class PixelHead(nn.Module):
+    """Linear map of each token to its p×p×C patch with one bias per channel: a stride-p transposed
+    convolution (enhancing-transformers' ViT-VQGAN), in `unpatchify`'s (row, column, channel) order.
+
+    Args:
+        dim: token width.
+        patch_size: p.
+        channels: C.
+    """
+
+    def __init__(self, dim: int, patch_size: int, channels: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, patch_size * patch_size * channels, bias=False)
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) → (B, N, p·p·C)."""
+        return (self.proj(h).unflatten(-1, (-1, self.bias.shape[0])) + self.bias).flatten(-2)
+
+
+def _transformer(cfg: TokenizerConfig, prefix: str) -> Transformer:
+    """The encoder's (prefix "enc") or decoder's ("dec") Transformer of cfg."""
+    get = lambda name: getattr(cfg, f"{prefix}_{name}")
+    return Transformer(
+        get("dim"), get("depth"), get("heads"), get("mlp_dim"), head_dim=get("head_dim") or None,
+        qkv_bias=cfg.qkv_bias, activation=cfg.mlp_act,
+    )  # fmt: skip
+
+
 class ViTEncoder(nn.Module):
-    """Patch embedding → position embedding → Transformer → tanh head.  (B, C, H, W) → (B, h·w, D)."""
+    """Patch embedding → position embedding → Transformer → tanh head (or none).  (B, C, H, W) → (B, h·w, D)."""
 
     def __init__(self, cfg: TokenizerConfig) -> None:
         super().__init__()
@@ -84,8 +114,8 @@ class ViTEncoder(nn.Module):
         self.patch_size = p
         self.patch_embed = nn.Linear(p * p * cfg.channels, d)
         self.pos = PositionEmbedding(cfg.grid_size, d, cfg.pos_embed)
-        self.transformer = Transformer(d, cfg.enc_depth, cfg.enc_heads, cfg.enc_mlp_dim)
-        self.head = tanh_head(d, cfg.enc_mlp_dim, d)
+        self.transformer = _transformer(cfg, "enc")
+        self.head = tanh_head(d, cfg.enc_mlp_dim, d) if cfg.vit_head == "tanh_mlp" else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         grid = (x.shape[2] // self.patch_size, x.shape[3] // self.patch_size)
@@ -127,21 +157,24 @@ class CNNDecoder(nn.Module):
 
 
 class ViTDecoder(nn.Module):
-    """Position embedding → Transformer → tanh head to p·p·C per token → image.  (B, h·w, D) → (B, C, H, W)."""
+    """Position embedding → Transformer → tanh (or linear) head to p·p·C per token → image.
+    (B, h·w, D) → (B, C, H, W)."""
 
     def __init__(self, cfg: TokenizerConfig) -> None:
         super().__init__()
-        d = cfg.dec_dim
-        self.patch_size = cfg.patch_size
-        self.out_channels = cfg.out_channels
+        d, p, c = cfg.dec_dim, cfg.patch_size, cfg.out_channels
+        self.patch_size = p
+        self.out_channels = c
         self.pos = PositionEmbedding(cfg.grid_size, d, cfg.pos_embed)
-        self.transformer = Transformer(d, cfg.dec_depth, cfg.dec_heads, cfg.dec_mlp_dim)
-        self.head = tanh_head(d, cfg.dec_mlp_dim, cfg.patch_size**2 * cfg.out_channels)
+        self.transformer = _transformer(cfg, "dec")
+        self.head = (
+            tanh_head(d, cfg.dec_mlp_dim, p * p * c) if cfg.vit_head == "tanh_mlp" else PixelHead(d, p, c)
+        )
 
     @property
     def last_layer(self) -> torch.Tensor:
         """The weight VQGAN's adaptive GAN weight differentiates against."""
-        return self.head[-1].weight
+        return self.head.proj.weight if isinstance(self.head, PixelHead) else self.head[-1].weight
 
     def forward(self, h: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         h = self.transformer(h + self.pos(grid))

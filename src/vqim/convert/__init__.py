@@ -5,9 +5,10 @@ model code); `convert()` writes `config.json` + `model.safetensors`, which `Toke
 every vqim tool (encode, reconstruct, eval-tokenizer, train-prior, sample) works on the converted model.
 Checkpoints are read without running code from them (`vqim.convert.safe_pickle`).
 
-Sources: `taming` (taming-transformers' VQGAN tokenizers, `vqim.convert.taming`) and `llamagen` (LlamaGen's VQ
-tokenizers, `vqim.convert.llamagen`). The enhancing-transformers ViT-VQGAN and the priors (taming's GPTs,
-LlamaGen's GPT) are not converted yet.
+Sources: `taming` (taming-transformers' VQGAN tokenizers and class-conditional or unconditional GPTs,
+`vqim.convert.taming`), `llamagen` (LlamaGen's VQ tokenizers, `vqim.convert.llamagen`) and `enhancing`
+(enhancing-transformers' ViT-VQGAN tokenizers, `vqim.convert.enhancing`). LlamaGen's GPT and
+enhancing-transformers' GPTs are not converted yet.
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ class ConvertConfig:
     """What `vqim convert` does.
 
     Args:
-        source: the implementation that wrote the checkpoint: taming (taming-transformers' VQGAN) or llamagen
-            (LlamaGen's VQ tokenizer).
+        source: the implementation that wrote the checkpoint: taming (taming-transformers' VQGAN), llamagen
+            (LlamaGen's VQ tokenizer) or enhancing (enhancing-transformers' ViT-VQGAN).
         checkpoint: the checkpoint file (.ckpt / .pt / .pth, read without running code from it; or .safetensors).
-        config: the model's YAML config (taming: the configs/*.yaml or project.yaml released with it; llamagen:
-            none, the architecture is read off the weights).
+        config: the model's YAML config (taming: the configs/*.yaml or project.yaml released with it; enhancing:
+            its configs/imagenet_vitvq_*.yaml; llamagen: none, the architecture is read off the weights).
         image_size: llamagen: the image side the tokenizer was trained at (256 or 384).
         tokenizer: taming transformer without its first stage in the checkpoint: the vqim folder of that first
             stage (converted before), recorded in the prior's tokens.json so that sample/eval-prior accept the pair.
@@ -36,7 +37,7 @@ class ConvertConfig:
             (when the checkpoint holds its first stage) OUT/tokenizer.
     """
 
-    source: Literal["taming", "llamagen"]
+    source: Literal["taming", "llamagen", "enhancing"]
     checkpoint: str
     config: str | None = None
     image_size: int = 256
@@ -68,8 +69,10 @@ def convert(cfg: ConvertConfig) -> dict[str, Any]:
     from vqim.convert.safe_pickle import load_checkpoint, state_dict_of
     from vqim.tokenizer import Tokenizer
 
-    if cfg.source == "taming" and cfg.config is None:
-        raise InputError("--config is needed for --source taming: the YAML released with the checkpoint")
+    if cfg.source in ("taming", "enhancing") and cfg.config is None:
+        raise InputError(
+            f"--config is needed for --source {cfg.source}: the YAML released with the checkpoint"
+        )
     if Path(cfg.checkpoint).suffix == ".safetensors":
         sd = load_weights(cfg.checkpoint, "--checkpoint")
     else:
@@ -82,6 +85,11 @@ def convert(cfg: ConvertConfig) -> dict[str, Any]:
             return _convert_taming_prior(cfg, yaml_cfg, sd)
         tcfg = taming.tokenizer_config(yaml_cfg, cfg.config)
         state = taming.tokenizer_state(sd, tcfg, cfg.checkpoint)
+    elif cfg.source == "enhancing":
+        from vqim.convert import enhancing
+
+        tcfg = enhancing.tokenizer_config(_read_yaml(cfg.config), sd, cfg.config)
+        state = enhancing.tokenizer_state(sd, tcfg, cfg.checkpoint)
     else:
         from vqim.convert import llamagen
 

@@ -79,33 +79,49 @@ class Attention(nn.Module):
 
     Args:
         dim: model width D.
-        heads: number of heads; D must be divisible by it.
+        heads: number of heads; D must be divisible by it unless head_dim is given.
         dropout: attention-probability and output dropout.
         causal: mask future positions (the prior) or not (ViT encoder/decoder).
+        head_dim: width of each head (None: D / heads); the heads together are heads · head_dim wide, which
+            proj maps back to D (enhancing-transformers' ViT-VQGAN: 64 per head at any D).
+        qkv_bias: the q, k, v projection has a bias.
     """
 
-    def __init__(self, dim: int, heads: int, dropout: float = 0.0, causal: bool = False) -> None:
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        dropout: float = 0.0,
+        causal: bool = False,
+        *,
+        head_dim: int | None = None,
+        qkv_bias: bool = True,
+    ) -> None:
         super().__init__()
-        if dim % heads:
-            raise InputError(f"dim {dim} is not divisible by heads {heads}")
+        if head_dim is None:
+            if dim % heads:
+                raise InputError(f"dim {dim} is not divisible by heads {heads}")
+            head_dim = dim // heads
+        if head_dim <= 0:
+            raise InputError(f"head_dim must be positive, got {head_dim}")
         self.heads = heads
-        self.head_dim = dim // heads
+        self.head_dim = head_dim
         self.causal = causal
         self.dropout = dropout
-        self.qkv = Linear(dim, 3 * dim)
-        self.proj = Linear(dim, dim)
+        self.qkv = Linear(dim, 3 * heads * head_dim, bias=qkv_bias)
+        self.proj = Linear(heads * head_dim, dim)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Attend over x (B, N, D); with a cache, over the cached positions followed by x's N positions,
         whose keys and values are appended to the cache (causal attention only)."""
-        b, n, d = x.shape  # (B, N, D)
+        b, n, _ = x.shape  # (B, N, D)
         if n == 1 and cache is not None and self.causal:
             # A decode step: (B, 3, H, 1, hd) is the qkv output's memory as it is; the one query sees every
             # cached position, so no mask. The general path below computes the same, with more Python.
             m = self._modules  # submodules without nn.Module.__getattr__ (see Block.forward)
             q, k, v = m["qkv"].forward(x).view(b, 3, self.heads, 1, self.head_dim).unbind(1)
             k, v = cache.append(k, v)
-            return m["proj"].forward(F.scaled_dot_product_attention(q, k, v).reshape(b, 1, d))
+            return m["proj"].forward(F.scaled_dot_product_attention(q, k, v).reshape(b, 1, -1))
         qkv = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, H, N, hd)
         drop = self.dropout if self.training else 0.0
@@ -120,22 +136,30 @@ class Attention(nn.Module):
                 mask = torch.ones(n, past + n, dtype=torch.bool, device=x.device).tril(past)
                 causal = False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, is_causal=causal)
-        y = self.proj(y.transpose(1, 2).reshape(b, n, d))
+        y = self.proj(y.transpose(1, 2).reshape(b, n, -1))
         return F.dropout(y, drop, True) if drop else y
 
 
+_ACTIVATIONS = {"gelu": F.gelu, "tanh": torch.tanh}
+
+
 class MLP(nn.Module):
-    """Two-layer feed-forward with GELU.
+    """Two-layer feed-forward with GELU (or tanh).
 
     Args:
         dim: input/output width.
         hidden: hidden width.
         dropout: dropout after the activation and after the output projection.
+        activation: "gelu" or "tanh" (enhancing-transformers' ViT-VQGAN).
     """
 
-    def __init__(self, dim: int, hidden: int, dropout: float = 0.0) -> None:
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0, *, activation: str = "gelu") -> None:
         super().__init__()
+        if activation not in _ACTIVATIONS:
+            raise InputError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
         self.dropout = dropout
+        # A plain function in the instance dict: read as fast as the module global F.gelu was.
+        self.act = _ACTIVATIONS[activation]
         self.fc1 = Linear(dim, hidden)
         self.fc2 = Linear(hidden, dim)
 
@@ -143,8 +167,8 @@ class MLP(nn.Module):
         # Dropout only when it does something: in eval mode (sampling) these are no calls at all.
         if self.training and self.dropout:
             p = self.dropout
-            return F.dropout(self.fc2(F.dropout(F.gelu(self.fc1(x)), p, True)), p, True)
-        return self.fc2(F.gelu(self.fc1(x)))
+            return F.dropout(self.fc2(F.dropout(self.act(self.fc1(x)), p, True)), p, True)
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class Block(nn.Module):
@@ -154,16 +178,27 @@ class Block(nn.Module):
         dim, heads, mlp_dim: widths.
         dropout: residual, activation and attention dropout.
         causal: causal self-attention.
+        head_dim, qkv_bias: see `Attention`.
+        activation: see `MLP`.
     """
 
     def __init__(
-        self, dim: int, heads: int, mlp_dim: int, dropout: float = 0.0, causal: bool = False
+        self,
+        dim: int,
+        heads: int,
+        mlp_dim: int,
+        dropout: float = 0.0,
+        causal: bool = False,
+        *,
+        head_dim: int | None = None,
+        qkv_bias: bool = True,
+        activation: str = "gelu",
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads, dropout, causal)
+        self.attn = Attention(dim, heads, dropout, causal, head_dim=head_dim, qkv_bias=qkv_bias)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = MLP(dim, mlp_dim, dropout)
+        self.mlp = MLP(dim, mlp_dim, dropout, activation=activation)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         if cache is None:
@@ -185,13 +220,26 @@ class Transformer(nn.Module):
         dim, depth, heads, mlp_dim: widths and number of blocks.
         dropout: see `Block`.
         causal: causal self-attention in every block.
+        head_dim, qkv_bias: see `Attention`.
+        activation: see `MLP`.
     """
 
     def __init__(
-        self, dim: int, depth: int, heads: int, mlp_dim: int, dropout: float = 0.0, causal: bool = False
+        self,
+        dim: int,
+        depth: int,
+        heads: int,
+        mlp_dim: int,
+        dropout: float = 0.0,
+        causal: bool = False,
+        *,
+        head_dim: int | None = None,
+        qkv_bias: bool = True,
+        activation: str = "gelu",
     ) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(Block(dim, heads, mlp_dim, dropout, causal) for _ in range(depth))
+        opts = {"head_dim": head_dim, "qkv_bias": qkv_bias, "activation": activation}
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_dim, dropout, causal, **opts) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         # Activation checkpointing: in training, keep only each block's input and recompute the block in the
         # backward pass (torch.utils.checkpoint, non-reentrant; dropout masks are replayed from the saved RNG
