@@ -247,7 +247,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
               cmd_probe),
     "ablate": ("the ViT-VQGAN ablation study: train + evaluate every variant, table and plots",
                _options("vqim.ablate", "AblationConfig"), cmd_ablate),
-    "convert": ("convert a public checkpoint (taming-transformers' VQGAN) to a vqim model folder",
+    "convert": ("convert a public checkpoint (taming-transformers' VQGAN and GPT, LlamaGen's VQ, "
+                "enhancing-transformers' ViT-VQGAN) to a vqim model folder",
                 _options("vqim.convert", "ConvertConfig"), cmd_convert),
     "serve": ("a local web page to try the tokenizer (and prior) on your own images",
               _options("vqim.serve", "ServeConfig"), cmd_serve),
