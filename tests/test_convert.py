@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from safetensors.torch import load_file, safe_open
 
 from vqim import InputError, Tokenizer
 from vqim.cli import main
-from vqim.convert import ConvertConfig, convert, enhancing
+from vqim.convert import ConvertConfig, convert, enhancing, llamagen, taming
 from vqim.convert.safe_pickle import Placeholder, load_checkpoint
 
 FIXTURE = Path(__file__).parent / "fixtures" / "taming"
@@ -309,3 +310,111 @@ def test_enhancing_configs_it_cannot_convert_are_refused(tmp_path):
     with pytest.raises(InputError, match="lacks encoder.to_patch_embedding.0.weight"):
         convert(ConvertConfig(source="enhancing", checkpoint=str(FIXTURE / "taming_tiny.ckpt"),
                               config=str(ENH / "enhancing_tiny.yaml"), out=str(tmp_path / "o")))  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------ full size: taming, LlamaGen
+def _expand(shapes: dict[str, list[int]]) -> dict[str, tuple[int, ...]]:
+    """Keys as tests/fixtures/make_full_size_shapes.py writes them: "{a-b}" stands for each index a..b."""
+    out: dict[str, tuple[int, ...]] = {}
+    for key, shape in shapes.items():
+        m = re.search(r"\{(\d+)-(\d+)\}", key)
+        if m is None:
+            out[key] = tuple(shape)
+            continue
+        for i in range(int(m[1]), int(m[2]) + 1):
+            out.update(_expand({key[: m.start()] + str(i) + key[m.end() :]: shape}))
+    return out
+
+
+def _full_size(source: str, name: str) -> tuple[dict, int, dict[str, tuple[int, ...]], set[str]]:
+    """(config, parameter count, key → shape, buffer keys) of a released model, recorded from the source's own
+    modules on the meta device (tests/fixtures/make_full_size_shapes.py)."""
+    data = json.loads((Path(__file__).parent / "fixtures" / source / "full_size_shapes.json").read_text())
+    assert data["commit"] == {"taming": "3ba01b241669f5ade541ce990f7650a3b8f65318",
+                              "llamagen": "ce98ec41803a74a90ce68c40ababa9eaeffeb4ec"}[source]  # fmt: skip
+    m = data["models"][name]
+    return m["config"], m["params"], _expand(m["shapes"]), set(_expand(dict.fromkeys(m["buffers"], [])))
+
+
+def _meta(shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """A state dict of these shapes on the meta device (no memory)."""
+    return {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+
+
+def _shapes(sd: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def _trained(shapes: dict[str, tuple[int, ...]], buffers: set[str]) -> int:
+    return sum(torch.Size(s).numel() for k, s in shapes.items() if k not in buffers)
+
+
+@pytest.mark.parametrize("name", ["vqgan_imagenet_f16_1024", "vqgan_imagenet_f16_16384"])
+def test_full_size_taming_vqgans_convert_with_the_sources_parameter_counts(name):
+    config, params, shapes, buffers = _full_size("taming", name)
+    assert not buffers and _trained(shapes, buffers) == params  # every entry of taming's VQModel is trained
+    # Released checkpoints also hold the loss's discriminator and LPIPS weights (loss.*): training only, left out.
+    sd = _meta({**shapes, "loss.discriminator.main.0.weight": (64, 3, 4, 4)})
+    cfg = taming.tokenizer_config({"model": config}, f"{name}.yaml")
+    assert (cfg.codebook_size, cfg.lookup_dim, cfg.patch_size) == (config["params"]["n_embed"], 256, 16)
+    state = taming.tokenizer_state(sd, cfg, name)
+    with torch.device("meta"):
+        tok = Tokenizer.build_checked(cfg, state, name)
+    assert _shapes(state) == _shapes(tok.state_dict())
+    assert tok.num_params()["total"] == params  # 72.1M (f16-1024), 76.1M (f16-16384)
+
+
+def test_full_size_taming_cin_transformer_converts_with_the_sources_parameter_counts():
+    from vqim import Prior
+
+    config, params, shapes, buffers = _full_size("taming", "cin_transformer")
+    _, first_params, first, _ = _full_size("taming", "vqgan_imagenet_f16_16384")
+    # minGPT's causal masks (blocks.*.attn.mask) are buffers; the transformer's trained parameters: 1.41B, the
+    # README's "1.4B transformer". Its checkpoint holds the f16-16384 VQGAN as first_stage_model.* (and no cond
+    # stage weights: a Labelator has none).
+    assert buffers == {f"transformer.blocks.{i}.attn.mask" for i in range(48)}
+    assert _trained(shapes, buffers) == params and round(params / 1e8) == 14
+    sd = _meta({**shapes, **{f"first_stage_model.{k}": s for k, s in first.items()}})
+    pcfg, tcfg, sos = taming.prior_config({"model": config}, "cin_transformer.yaml")
+    assert (pcfg.vocab_size, pcfg.grid_size, pcfg.num_classes, pcfg.depth, pcfg.dim, sos) == (
+        16384, (16, 16), 1000, 48, 1536, None
+    )  # fmt: skip
+    # On the meta device, where the weights are: prior_state adds tables of its own (zero head bias, last position).
+    with torch.device("meta"):
+        state = taming.prior_state(sd, pcfg, sos, "cin")
+        prior = Prior.build_checked(pcfg, state, "cin")
+    assert _shapes(state) == _shapes(prior.state_dict())
+    # vqim's prior is taming's trained tensors, except: the class vectors are rows of minGPT's one token table (vqim:
+    # its own class table, 1000 rows + a null class); minGPT's head has no bias (vqim's: zero); of minGPT's
+    # block_size positions the sequence (class, z_0 .. z_254) uses 256, vqim's cond_pos + 256 image positions (the
+    # last, z_255's, is never an input: zero).
+    d, hw, block = pcfg.dim, 16 * 16, config["params"]["transformer_config"]["params"]["block_size"]
+    extra = (pcfg.num_classes + 1) * d + pcfg.vocab_size + (hw + 1 - block) * d
+    assert prior.num_params()["total"] == params + extra
+    first_sd = {
+        k[len("first_stage_model.") :]: v for k, v in sd.items() if k.startswith("first_stage_model.")
+    }
+    tstate = taming.tokenizer_state(first_sd, tcfg, "cin")
+    with torch.device("meta"):
+        tok = Tokenizer.build_checked(tcfg, tstate, "cin")
+    assert _shapes(tstate) == _shapes(tok.state_dict()) and tok.num_params()["total"] == first_params
+
+
+@pytest.mark.parametrize("name", ["VQ-16", "VQ-8"])
+def test_full_size_llamagen_vqs_convert_with_the_sources_parameter_counts(name):
+    config, params, shapes, buffers = _full_size("llamagen", name)
+    # quantize.codebook_used is a buffer (the recent codes, a training statistic), left out; the trained
+    # parameters are the README's 72M (VQ-16) and 70M (VQ-8).
+    assert buffers == {"quantize.codebook_used"} and _trained(shapes, buffers) == params
+    assert round(params / 1e6) == {"VQ-16": 72, "VQ-8": 70}[name]
+    sd = _meta(shapes)
+    cfg = llamagen.tokenizer_config(sd, 256, f"vq_ds{name[3:]}_c2i.pt")
+    assert (cfg.codebook_size, cfg.lookup_dim, cfg.cnn_ch_mult, cfg.cnn_num_res_blocks, cfg.enc_dim) == (
+        config["codebook_size"], config["codebook_embed_dim"], tuple(config["encoder_ch_mult"]), 2,
+        config["z_channels"],
+    )  # fmt: skip
+    state = llamagen.tokenizer_state(sd, cfg, name)
+    with torch.device("meta"):
+        tok = Tokenizer.build_checked(cfg, state, name)
+    assert _shapes(state) == _shapes(tok.state_dict())
+    assert tok.num_params()["total"] == params
