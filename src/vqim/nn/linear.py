@@ -61,7 +61,7 @@ class Linear(nn.Linear):
     # None: not looked at yet; False: this weight never takes the split product (fewer than SPLIT_MIN_WEIGHT
     # elements, not fp32 on the CPU, or no block count divides its rows); else (weight Parameter, weight blocks,
     # bias blocks, max input numel, the weight's data pointer when the views were made, in_features,
-    # out_features).
+    # out_features, block count).
     _blocks: tuple | bool | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,15 +69,23 @@ class Linear(nn.Linear):
         if blocks is None:
             blocks = self._blocks = self._make_blocks()
         if blocks is not False and _enabled and not torch.is_grad_enabled() and x.numel() <= blocks[3]:
-            w, ws, bs, _, ptr, d_in, out = blocks
+            w, ws, bs, _, ptr, d_in, out, s = blocks
             if self._parameters["weight"] is not w or w.data_ptr() != ptr:  # replaced since: new views
                 self._blocks = None
                 return self.forward(x)
             # x (rows, in) transposed to (in, rows) with strides (1, in): MKL takes it as a transposed operand
             # and runs the batched GEMM path; the same column made contiguous (strides (1, 1)) is 5× slower.
-            xt = x.reshape(-1, d_in).t().expand(ws.shape[0], -1, -1)
-            y = torch.bmm(ws, xt) if bs is None else torch.baddbmm(bs, ws, xt)
-            return y.permute(2, 0, 1).reshape(x.shape[:-1] + (out,))  # (S, out/S, rows) → (..., out)
+            xt = x.reshape(-1, d_in).t().expand(s, -1, -1)
+            y = (torch.bmm(ws, xt) if bs is None else torch.baddbmm(bs, ws, xt)).permute(2, 0, 1)
+            # (S, out/S, rows) → (..., out). The decode step's (B, 1, D) and (B, D) inputs get the shape from
+            # ints: building it as x.shape[:-1] + (out,) made a whole decode step measurably slower
+            # (benchmarks/decode_ab.py).
+            nd = x.dim()
+            if nd == 3:
+                return y.reshape(x.shape[0], x.shape[1], out)
+            if nd == 2:
+                return y.reshape(x.shape[0], out)
+            return y.reshape(x.shape[:-1] + (out,))
         return F.linear(x, self.weight, self.bias)
 
     def _make_blocks(self) -> tuple | bool:
@@ -90,7 +98,7 @@ class Linear(nn.Linear):
             ws = w.detach().view(s, self.out_features // s, self.in_features)
             bs = None if b is None else b.detach().view(s, -1, 1)
         most = SPLIT_MAX_ROWS * self.in_features
-        return (w, ws, bs, most, w.data_ptr(), self.in_features, self.out_features)
+        return (w, ws, bs, most, w.data_ptr(), self.in_features, self.out_features, s)
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's signature)
         self._blocks = None  # after .to() / .half() / .cuda(), look again whether the weight qualifies

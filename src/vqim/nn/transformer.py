@@ -170,6 +170,14 @@ class MLP(nn.Module):
             return F.dropout(self.fc2(F.dropout(self.act(self.fc1(x)), p, True)), p, True)
         return self.fc2(self.act(self.fc1(x)))
 
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward` for the cached decode step: the layers' forward called directly, read from _modules (see
+        `Block.forward`); module hooks on fc1/fc2 do not fire here."""
+        if self.training and self.dropout:
+            return self.forward(x)
+        m = self._modules
+        return m["fc2"].forward(self.act(m["fc1"].forward(x)))
+
 
 class Block(nn.Module):
     """Pre-norm residual block: x + Attn(LN(x)), then x + MLP(LN(x)).
@@ -210,7 +218,7 @@ class Block(nn.Module):
         # microseconds here (benchmarks/sampling_speed.py); module hooks on the children do not fire here.
         m = self._modules
         x = x + m["attn"].forward(_norm(m["norm1"], x), cache)
-        return x.add_(m["mlp"].forward(_norm(m["norm2"], x)))
+        return x.add_(m["mlp"].step(_norm(m["norm2"], x)))
 
 
 class Transformer(nn.Module):
