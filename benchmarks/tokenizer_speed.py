@@ -32,6 +32,7 @@ import torch
 
 from machine import Limits, count_flops, stats, timed
 from vqim import Tokenizer
+from vqim.nn.memory import retain_freed_memory
 from vqim.train.common import param_groups
 from vqim.train.trainer import clip_scale, grad_norm, nonfinite_flag, optimizer_step
 
@@ -48,6 +49,15 @@ def bench_config(arch: str = "vit", **kw) -> dict:
         dec_dim=256, dec_depth=4, dec_heads=4, dec_mlp_dim=1024, codebook_size=8192, lookup_dim=32,
         l2_norm=True, logit_laplace=False, **kw,
     )  # fmt: skip
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far (0 where getrusage does not count them)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def measure(fn, n_items: int, repeats: int, warmup: int, device: str) -> dict:
@@ -113,7 +123,9 @@ def run_arch(args, arch: str) -> dict:
     if r1_timed:
         r1_flops = count_flops(lambda: train_step(0, tok))["total"]
         flops_per_step = (r1_timed * r1_flops + (args.repeats - r1_timed) * flops_per_step) / args.repeats
+    faults0 = minor_faults()
     train = measure(train_step, args.train_batch, args.repeats, args.warmup, dev)
+    faults_per_step = (minor_faults() - faults0) / (args.repeats + args.warmup)
     tok.eval()
     enc_flops = count_flops(encode)
     enc = measure(encode, args.encode_batch, args.repeats, args.warmup, dev)
@@ -123,6 +135,9 @@ def run_arch(args, arch: str) -> dict:
         "disc_params": sum(p.numel() for p in gan.disc.parameters()) if gan is not None else 0,
         "train_images_per_s": train,
         "encode_images_per_s": enc,
+        # Pages the kernel had to map (and zero) for this process, per training step: freed memory handed back
+        # to the kernel and faulted in again (see --malloc).
+        "minor_page_faults_per_train_step": round(faults_per_step),
         "flops": {
             "train_per_image": round(flops_per_step / args.train_batch),
             "encode_per_image": round(enc_flops["total"] / args.encode_batch),
@@ -164,9 +179,13 @@ def main() -> None:
                     help="time the full generator + discriminator step")  # fmt: skip
     ap.add_argument("--compare", action="store_true", help="ViT vs CNN at matched grid and size, one process")
     ap.add_argument("--compile", action="store_true", help="torch.compile the tokenizer")
+    ap.add_argument("--malloc", choices=["retain", "default"], default="retain",
+                    help="retain: freed memory kept for reuse, as `vqim train-tokenizer` sets it on CPU "
+                    "(vqim.nn.memory); default: the C library's own policy")  # fmt: skip
     ap.add_argument("--compile-mode", default="default",
                     help="torch.compile mode, e.g. max-autotune-no-cudagraphs")  # fmt: skip
     args = ap.parse_args()
+    retained = args.malloc == "retain" and retain_freed_memory()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dev = args.device
@@ -179,7 +198,7 @@ def main() -> None:
         r.update(utilisation(r, limits, shape_is_its_own=arch == "vit"))
     head = {
         "device": dev, "threads": args.threads, "bf16": args.bf16, "gan": args.gan,
-        "compile": args.compile_mode if args.compile else False,
+        "compile": args.compile_mode if args.compile else False, "malloc_retains_freed_memory": retained,
     }  # fmt: skip
 
     if args.compare:

@@ -30,6 +30,7 @@ from torch import nn
 
 from vqim.checkpoint import EMA_NAME, read_json, save_tensors, write_json
 from vqim.errors import InputError, check_settings
+from vqim.nn import memory
 from vqim.options import option
 from vqim.train import rundir, sharding
 from vqim.train import state as st
@@ -271,6 +272,9 @@ class Trainer(abc.ABC):
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.main = self.acc.is_main_process
         self.device = self.acc.device
+        if self.device.type == "cpu":
+            # Reuse freed activations instead of page-faulting fresh ones in every step (vqim.nn.memory).
+            memory.retain_freed_memory()
         self.out = Path(cfg.out)
         self.ckpt_root = self.out / "checkpoints"
         self.step = 0
