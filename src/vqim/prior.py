@@ -34,6 +34,7 @@ from torch import nn
 from vqim.checkpoint import PretrainedMixin
 from vqim.config import PriorConfig, get_prior_config
 from vqim.errors import InputError
+from vqim.nn.dropout import Dropout
 from vqim.nn.linear import Linear
 from vqim.nn.transformer import KVCache, Transformer
 
@@ -105,7 +106,7 @@ class Prior(PretrainedMixin, nn.Module):
             self.cond_pos_col = nn.Parameter(torch.zeros(wc, c.dim))
         else:
             self.cond_embed = self.cond_pos_row = self.cond_pos_col = None
-        self.drop = nn.Dropout(c.dropout)
+        self.drop = Dropout(c.dropout)
         # Blocks + final LayerNorm; dropout on residual branches, MLP activations and attention probabilities.
         self.transformer = Transformer(c.dim, c.depth, c.heads, c.mlp_dim, c.dropout, causal=True)
         self.head = Linear(c.dim, c.vocab_size)

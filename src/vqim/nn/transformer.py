@@ -18,6 +18,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from vqim.errors import InputError
+from vqim.nn.dropout import dropout
 from vqim.nn.linear import Linear
 
 
@@ -135,9 +136,28 @@ class Attention(nn.Module):
                 # New position i (absolute past + i) sees absolute positions 0 .. past + i.
                 mask = torch.ones(n, past + n, dtype=torch.bool, device=x.device).tril(past)
                 causal = False
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, is_causal=causal)
+        if drop and x.device.type == "cpu":
+            y = _attention_with_dropout(q, k, v, mask, causal, drop)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, is_causal=causal)
         y = self.proj(y.transpose(1, 2).reshape(b, n, -1))
-        return F.dropout(y, drop, True) if drop else y
+        return dropout(y, drop) if drop else y
+
+
+def _attention_with_dropout(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool, p: float
+) -> torch.Tensor:
+    """softmax(q kᵀ / √hd, masked) with dropout p on the probabilities, times v: (B, H, N, hd).
+
+    On the CPU, `F.scaled_dot_product_attention` with dropout computes exactly this (its math path) with
+    PyTorch's Bernoulli mask; here the mask is `vqim.nn.dropout`'s, five times cheaper to draw.
+    """
+    s = torch.matmul(q, k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5)  # (B, H, N, M)
+    if causal:  # query i sees keys 0..i (N == M: no cached keys here)
+        mask = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril()
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return torch.matmul(dropout(s.softmax(-1), p), v)
 
 
 _ACTIVATIONS = {"gelu": F.gelu, "tanh": torch.tanh}
@@ -167,7 +187,7 @@ class MLP(nn.Module):
         # Dropout only when it does something: in eval mode (sampling) these are no calls at all.
         if self.training and self.dropout:
             p = self.dropout
-            return F.dropout(self.fc2(F.dropout(self.act(self.fc1(x)), p, True)), p, True)
+            return dropout(self.fc2(dropout(self.act(self.fc1(x)), p)), p)
         return self.fc2(self.act(self.fc1(x)))
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
