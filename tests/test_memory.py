@@ -44,13 +44,21 @@ def _faults(retain: bool) -> tuple[bool, int]:
 
 @pytest.mark.skipif(memory._glibc() is None, reason="needs glibc's malloc (Linux)")
 def test_retained_memory_is_not_faulted_in_again():
+    written = 5 * 10240  # 4 KiB pages the five measured steps write
     on, kept = _faults(retain=True)
-    off, default = _faults(retain=False)
-    assert on and not off
-    # glibc's default gives the 40 MiB back after each step and faults it in again: five steps touch
-    # 5 × 10240 fresh 4 KiB pages. Kept, the steps reuse the same memory.
-    assert default > 5 * 10240 // 2, default
-    assert kept < default // 20, (kept, default)
+    assert on
+    assert kept < written // 20, (kept, written)
+    # The scenario is the one retention is for: glibc's own policy gives the 40 MiB back after a step and faults
+    # it in again. (Not in every process: in about one run of three here the heap happened not to be trimmed,
+    # so the default side gets up to three tries.)
+    default = []
+    for _ in range(3):
+        off, faults = _faults(retain=False)
+        assert not off
+        default.append(faults)
+        if faults > written // 2:
+            break
+    assert max(default) > written // 2, default
 
 
 def test_opt_out_and_idempotent(monkeypatch):
