@@ -17,7 +17,10 @@ Rows, each timed in the same run (tokens/s, MFU and peak memory of the step):
 - `plain`: one batch of --batch sequences per optimizer step;
 - `grad_accum_2`: the same global batch as two micro-batches of --batch/2 (gradients summed, as `--grad-accum 2`);
 - `checkpoint_activations`: every Transformer block recomputed in the backward pass (`--checkpoint-activations`);
-- `compile` (with --compile): the step's forward/backward through torch.compile (compile time excluded).
+- `compile` (with --compile): the step's forward/backward through torch.compile (compile time excluded);
+- `torch_dropout`: the plain step with PyTorch's own dropout masks (`vqim.nn.dropout.torch_dropout`), against
+  vqim's cheaper CPU masks in every other row; the two are timed in alternating rounds (`dropout_ab`).
+As `vqim train-prior` does on the CPU, freed memory is kept for reuse (`vqim.nn.memory`).
 Peak memory of a row's first step above what the model, optimizer and batch hold before it: on CUDA
 `torch.cuda.max_memory_allocated`, on the CPU VmHWM − VmRSS of a fresh process per row. Also printed, computed (not measured): the memory
 per device of vim-base and vim-large at the paper's setting under DDP and under FSDP (full shard) on 8 devices.
@@ -36,6 +39,8 @@ import torch
 
 from machine import Limits, count_flops, stats, timed
 from vqim import Prior, get_prior_config, prior_presets
+from vqim.nn.dropout import torch_dropout
+from vqim.nn.memory import retain_freed_memory
 
 
 def _status(key: str) -> float:
@@ -45,9 +50,15 @@ def _status(key: str) -> float:
     return float("nan")
 
 
+def dev_is_cpu(device: str) -> bool:
+    return device.split(":")[0] == "cpu"
+
+
 def build(args: argparse.Namespace):
     """The prior and `make_step(row)`: one optimizer step of a row's configuration."""
     torch.set_num_threads(args.threads)
+    if dev_is_cpu(args.device):
+        retain_freed_memory()
     torch.manual_seed(0)
     dev = args.device
     prior = Prior.from_preset(
@@ -61,6 +72,14 @@ def build(args: argparse.Namespace):
     amp = torch.autocast(dev.split(":")[0], dtype=torch.bfloat16, enabled=args.bf16)
 
     def make_step(row: str):
+        if row == "torch_dropout":
+            plain = make_step("plain")
+
+            def with_torch_masks() -> float:
+                with torch_dropout():
+                    return plain()
+
+            return with_torch_masks
         micro = 2 if row == "grad_accum_2" else 1
         prior.transformer.checkpoint_activations = row == "checkpoint_activations"
         loss_fn = torch.compile(prior.loss) if row == "compile" else prior.loss
@@ -180,11 +199,31 @@ def main() -> None:
         rows[name] = {"train_tokens_per_s": stats(r, 1)}
         return r
 
-    names = ["plain", "grad_accum_2", "checkpoint_activations"] + (["compile"] if args.compile else [])
+    def dropout_ab(rounds: int) -> dict:
+        """Tokens/s of the plain step with vqim's and with PyTorch's dropout masks, alternating one step each."""
+        fns = {"vqim": make_step("plain"), "torch": make_step("torch_dropout")}
+        for fn in fns.values():
+            fn()
+        r: dict[str, list[float]] = {k: [] for k in fns}
+        for _ in range(rounds):
+            for k, fn in fns.items():
+                r[k].append(args.batch * seq / timed(fn, 1, dev)[0])
+        ratios = [a / b for a, b in zip(r["vqim"], r["torch"])]
+        return {
+            "vqim_masks_tokens_per_s": stats(r["vqim"], 1),
+            "torch_masks_tokens_per_s": stats(r["torch"], 1),
+            "ratio_vqim_over_torch": stats(ratios, 3),
+            "rounds": rounds,
+        }
+
+    names = ["plain", "grad_accum_2", "checkpoint_activations", "torch_dropout"] + (
+        ["compile"] if args.compile else []
+    )
     with Limits(dev, torch.bfloat16 if args.bf16 else torch.float32, shape) as limits:
         rates = measure("plain")
         for name in names[1:]:
             measure(name)
+        ab = dropout_ab(args.repeats) if cfg.dropout > 0 else None
     for name in names:  # after the timing: memory runs in child processes on the CPU
         rows[name]["peak_memory_mib"] = round(peak_memory_mib(args, name), 1)
     median = statistics.median(rates)
@@ -224,6 +263,7 @@ def main() -> None:
                     }
                     for k, v in rows.items()
                 },  # fmt: skip
+                "dropout_ab": ab,
                 "projected_memory_per_device": {p: projected_memory(p) for p in ("vim-base", "vim-large")},
                 "machine": limits.report(),
             },

@@ -15,11 +15,33 @@ fused dropout kernels with their own generators).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 _LEVELS = 1 << 16  # 16-bit integers per draw
+_cheap = True
+
+
+@contextlib.contextmanager
+def torch_dropout() -> Iterator[None]:
+    """Within this context `dropout` is `F.dropout` and attention dropout runs inside
+    `F.scaled_dot_product_attention`, both with PyTorch's own masks (to compare the two, or to reproduce a run
+    made with them)."""
+    global _cheap
+    was, _cheap = _cheap, False
+    try:
+        yield
+    finally:
+        _cheap = was
+
+
+def cheap_masks() -> bool:
+    """Whether CPU dropout uses this module's masks (False inside `torch_dropout`)."""
+    return _cheap
 
 
 def keep_mask(
@@ -66,7 +88,7 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
         return x
     if p > 1.0:
         raise ValueError(f"dropout probability must be in [0, 1], got {p}")
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or not _cheap:
         return F.dropout(x, p, True)
     threshold = round(p * _LEVELS)
     if threshold == 0:

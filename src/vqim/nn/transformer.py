@@ -18,7 +18,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from vqim.errors import InputError
-from vqim.nn.dropout import dropout
+from vqim.nn.dropout import cheap_masks, dropout
 from vqim.nn.linear import Linear
 
 
@@ -136,7 +136,7 @@ class Attention(nn.Module):
                 # New position i (absolute past + i) sees absolute positions 0 .. past + i.
                 mask = torch.ones(n, past + n, dtype=torch.bool, device=x.device).tril(past)
                 causal = False
-        if drop and x.device.type == "cpu":
+        if drop and x.device.type == "cpu" and cheap_masks():
             y = _attention_with_dropout(q, k, v, mask, causal, drop)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, is_causal=causal)
