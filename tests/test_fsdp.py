@@ -10,12 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from vqim.checkpoint import write_json
 from vqim.cli import main
 from vqim.train.prior import PriorTrainConfig, train_prior
 
@@ -26,19 +24,6 @@ GRID, CODES = (4, 4), 32
 ARGS = {"preset": "vim-tiny", "dim": 32, "depth": 2, "heads": 2, "mlp_dim": 64, "batch_size": 8, "grad_accum": 2,
         "val_every": 0, "dropout": 0.0, "class_dropout": 0.0, "lr": 3e-3, "log_every": 1, "ckpt_every": 2,
         "ema_decay": 0.6, "num_workers": 0}  # fmt: skip
-
-
-def _tokens(folder: Path) -> Path:
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    np.save(folder / "tokens-00000.npy", rng.integers(0, CODES, (48, *GRID)).astype(np.uint16))
-    np.save(folder / "labels-00000.npy", (np.arange(48) % 2).astype(np.int64))
-    write_json(folder / "manifest.json", {
-        "format": "vqim-tokens/1", "grid_size": list(GRID), "codebook_size": CODES, "count": 48,
-        "shards": [{"tokens": "tokens-00000.npy", "labels": "labels-00000.npy", "count": 48}],
-        "has_labels": True, "class_names": ["a", "b"],
-    })  # fmt: skip
-    return folder
 
 
 def _flags(**kw) -> list[str]:
@@ -85,8 +70,8 @@ def _interrupted_copy(run: Path, dest: Path, step: int) -> None:
 
 
 @pytest.mark.skipif(not (BIN / "accelerate").exists(), reason="accelerate CLI not installed")
-def test_sharded_training_equals_one_process_and_resumes_either_way(tmp_path):
-    tokens = _tokens(tmp_path / "tokens")
+def test_sharded_training_equals_one_process_and_resumes_either_way(tmp_path, token_folder):
+    tokens = token_folder(tmp_path / "tokens", GRID, CODES)
     one = tmp_path / "one"
     _train_in_process(tokens, one, steps=4)
 

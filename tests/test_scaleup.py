@@ -7,13 +7,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from vqim import Prior
-from vqim.checkpoint import write_json
 from vqim.train.prior import PriorTrainConfig, train_prior
 from vqim.train.trainer import EMA
 
@@ -23,19 +21,8 @@ GRID, CODES = (4, 4), 32
 
 
 @pytest.fixture(scope="module")
-def tokens(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tokens")
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, CODES, (48, *GRID)).astype(np.uint16)
-    labels = (np.arange(48) % 2).astype(np.int64)
-    np.save(folder / "tokens-00000.npy", ids)
-    np.save(folder / "labels-00000.npy", labels)
-    write_json(folder / "manifest.json", {
-        "format": "vqim-tokens/1", "grid_size": list(GRID), "codebook_size": CODES, "count": 48,
-        "shards": [{"tokens": "tokens-00000.npy", "labels": "labels-00000.npy", "count": 48}],
-        "has_labels": True, "class_names": ["a", "b"],
-    })  # fmt: skip
-    return folder
+def tokens(tmp_path_factory, token_folder) -> Path:
+    return token_folder(tmp_path_factory.mktemp("tokens"), GRID, CODES)
 
 
 def _train(tokens: Path, out: Path, **kw) -> dict:
