@@ -310,6 +310,13 @@ def test_enhancing_configs_it_cannot_convert_are_refused(tmp_path):
     with pytest.raises(InputError, match="lacks encoder.to_patch_embedding.0.weight"):
         convert(ConvertConfig(source="enhancing", checkpoint=str(FIXTURE / "taming_tiny.ckpt"),
                               config=str(ENH / "enhancing_tiny.yaml"), out=str(tmp_path / "o")))  # fmt: skip
+    # A --config shallower than the weights would silently drop blocks: refused, naming both depths.
+    config = yaml.safe_load((ENH / "enhancing_tiny.yaml").read_text())
+    depth = config["model"]["params"]["decoder"]["depth"]
+    config["model"]["params"]["decoder"]["depth"] = depth - 1
+    cfg = enhancing.tokenizer_config(config, sd, "x.yaml")
+    with pytest.raises(InputError, match=f"{depth} blocks in the checkpoint, {depth - 1} in the config"):
+        enhancing.tokenizer_state(sd, cfg, "x.ckpt")
 
 
 # ------------------------------------------------------------------------------------ full size: taming, LlamaGen

@@ -90,6 +90,9 @@ def tokenizer_config(
 
 def _transformer(sd: dict[str, torch.Tensor], src: str, dst: str, depth: int) -> dict[str, torch.Tensor]:
     """vqim's Transformer weights (prefix dst) of the source's (prefix src): PreNorm(Attention), PreNorm(FF)."""
+    if any(k.startswith(f"{src}.layers.{depth}.") for k in sd):
+        deeper = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith(f"{src}.layers."))
+        raise KeyError(f"{src}.layers: {deeper} blocks in the checkpoint, {depth} in the config")
     out = {f"{dst}.norm.{q}": sd[f"{src}.norm.{q}"] for q in ("weight", "bias")}
     for i in range(depth):
         s, d = f"{src}.layers.{i}", f"{dst}.blocks.{i}"
@@ -122,6 +125,10 @@ def tokenizer_state(
         if cfg.pos_embed == "learned":
             out["encoder.pos.weight"], out["decoder.pos.weight"] = sd[_POS["encoder"]], sd[_POS["decoder"]]
     except KeyError as e:
+        if "blocks in the checkpoint" in str(e.args[0]):  # a --config of another depth than the weights
+            raise InputError(
+                f"{path}: {e.args[0]}: give the --config the checkpoint was trained with"
+            ) from None
         raise InputError(
             f"{path}: the checkpoint lacks {e.args[0]}: not an enhancing-transformers ViTVQ"
         ) from None
