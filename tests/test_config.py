@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from vqim.config import SamplingConfig, get_tokenizer_config, preset_table
+from vqim.config import SamplingConfig, TokenizerConfig, get_tokenizer_config, preset_table
+from vqim.errors import InputError
 
 
 def test_sampling_config_validates_and_feeds_generate():
@@ -27,3 +30,24 @@ def test_preset_table_counts_every_preset():
     assert rows["tokenizers"]["vit-vqgan-bb"]["params_M"]["encoder"] == pytest.approx(90.7, abs=0.1)
     assert rows["priors"]["vim-base"]["params_M"] == pytest.approx(706.8, abs=0.1)
     assert rows["tokenizers"]["vqgan-f16-1024"]["train_recipe"]["betas"] == [0.5, 0.9]
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        ({"qkv_bias": "false"}, "qkv_bias must be true or false"),
+        ({"quant_proj": 1}, "quant_proj must be true or false"),
+        ({"enc_head_dim": "64"}, "enc_head_dim must be an int"),
+        ({"dec_head_dim": True}, "dec_head_dim must be an int"),
+    ],
+)
+def test_new_tokenizer_options_are_type_checked(bad, match):
+    d = get_tokenizer_config("vit-vqgan-tiny").to_dict()
+    with pytest.raises(InputError, match=match):
+        TokenizerConfig.from_dict({**d, **bad})
+
+
+def test_vit_options_on_a_cnn_are_refused():
+    cnn = get_tokenizer_config("vqgan-tiny")
+    with pytest.raises(InputError, match="qkv_bias, mlp_act: ViT options"):
+        dataclasses.replace(cnn, mlp_act="tanh", qkv_bias=False)

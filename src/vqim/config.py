@@ -123,6 +123,13 @@ class TokenizerConfig:
                 f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}; "
                 "choose an image size that is a multiple of the patch size"
             )
+        for name in ("qkv_bias", "quant_proj"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("enc_head_dim", "dec_head_dim"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise InputError(f"{name} must be an int, got {v!r}")
         for prefix in ("enc", "dec"):
             dim, heads = getattr(self, f"{prefix}_dim"), getattr(self, f"{prefix}_heads")
             head_dim = getattr(self, f"{prefix}_head_dim")
@@ -144,6 +151,11 @@ class TokenizerConfig:
             raise InputError(f"mlp_act must be 'gelu' or 'tanh', got {self.mlp_act!r}")
         if self.dead_code_window < 0:
             raise InputError("dead_code_window must be >= 0 (0 disables restarts)")
+        if self.arch == "cnn":  # ViT-only options a CNN would ignore while they still changed its config hash
+            vit_set = [n for n in ("vit_head", "enc_head_dim", "dec_head_dim", "qkv_bias", "mlp_act")
+                       if getattr(self, n) != _OMIT_AT_DEFAULT[n]]  # fmt: skip
+            if vit_set:
+                raise InputError(f"{', '.join(vit_set)}: ViT options; a CNN tokenizer does not read them")
 
     @property
     def grid_size(self) -> tuple[int, int]:
