@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 BIN = Path(sys.executable).parent
 GRID, CODES = (4, 4), 32
 ARGS = {"preset": "vim-tiny", "dim": 32, "depth": 2, "heads": 2, "mlp_dim": 64, "batch_size": 8, "grad_accum": 2,
-        "val_every": 0, "dropout": 0.0, "class_dropout": 0.0, "lr": 3e-3, "log_every": 1, "ckpt_every": 2,
+        "val_every": 6, "eval_every": 2, "dropout": 0.0, "class_dropout": 0.0, "lr": 3e-3, "log_every": 1, "ckpt_every": 2,
         "ema_decay": 0.6, "num_workers": 0}  # fmt: skip
 
 
@@ -83,6 +83,9 @@ def test_sharded_training_equals_one_process_and_resumes_either_way(tmp_path, to
     assert whole / 2 <= summary["weight_bytes_per_process"] <= whole / 2 + 4096  # half each, up to padding
     for name in ("model.safetensors", "ema.safetensors"):
         _assert_same(load_file(fsdp / name), load_file(one / name), f"sharded {name}")
+    # Validation (every 2 steps, before each checkpoint) runs on the sharded model and measures what one process does.
+    val = [json.loads((run / "metrics.json").read_text())["val_bits_per_token"] for run in (fsdp, one)]
+    assert val[0] == pytest.approx(val[1], abs=1e-5), val
     # The checkpoint holds the whole optimizer state, numbered like an unsharded run's.
     state = "checkpoints/step-0000004/training_state.safetensors"
     _assert_same(load_file(fsdp / state), load_file(one / state), "optimizer state")

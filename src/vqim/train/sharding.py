@@ -61,10 +61,24 @@ def local_shard(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(full.to(like.device), like.device_mesh, like.placements).to_local()
 
 
+def reshard(model: nn.Module) -> None:
+    """Free every FSDP unit's gathered weights, leaving each process its shards (a no-op where they are freed).
+
+    With reshard_after_forward=False a forward without backward (validation) leaves whole weights on the modules;
+    the state-dict helpers find parameters through the modules, so they must see the shards again first.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's whole state dict on the main process ({} elsewhere); every process must call it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    reshard(model)
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
@@ -75,6 +89,7 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
+    reshard(model)
     sd = get_optimizer_state_dict(
         model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
     )
@@ -95,9 +110,10 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sd:
 
     name_of = {id(p): n for n, p in model.named_parameters()}
     order = [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
-    saved = [i for g in sd["param_groups"] for i in g["params"]]
-    if len(saved) != len(order):
-        raise ValueError(f"the checkpoint's optimizer holds {len(saved)} parameters, the model {len(order)}")
+    saved = [len(g["params"]) for g in sd["param_groups"]]
+    mine = [len(g["params"]) for g in optimizer.param_groups]
+    if saved != mine:  # as Optimizer.load_state_dict: the same parameters in each group (decayed or not)
+        raise ValueError(f"the checkpoint's optimizer groups hold {saved} parameters, the model's {mine}")
     by_name = {
         "state": {order[int(i)]: s for i, s in sd["state"].items()},
         "param_groups": [{**g, "params": [order[int(i)] for i in g["params"]]} for g in sd["param_groups"]],

@@ -224,7 +224,11 @@ class EMA:
 
     def tensors(self, prefix: str = "ema.") -> dict[str, torch.Tensor]:
         """The whole averaged tensors by parameter name (under FSDP a collective: every process calls it)."""
-        return {prefix + n: sharding.full_tensor(t) for n, t in zip(self.names, self.shadow, strict=True)}
+        # Gathered one at a time and moved to the CPU: a sharded model never holds all whole tensors on the device.
+        return {
+            prefix + n: sharding.full_tensor(t).cpu() if hasattr(t, "full_tensor") else t
+            for n, t in zip(self.names, self.shadow, strict=True)
+        }
 
     @torch.no_grad()
     def load(self, tensors: dict[str, torch.Tensor], prefix: str = "ema.") -> None:
@@ -598,7 +602,16 @@ class Trainer(abc.ABC):
     def _reshard_after_forward(self) -> bool:
         plugin = getattr(self.acc.state, "fsdp_plugin", None)
         value = getattr(plugin, "reshard_after_forward", True)
-        return value if isinstance(value, bool) else True
+        if isinstance(value, bool):
+            return value
+        # An FSDP1-style config names a sharding strategy: SHARD_GRAD_OP keeps whole weights from forward to
+        # backward (reshard_after_forward=False); FSDP2 always shards, so NO_SHARD / HYBRID_* become full sharding.
+        name = getattr(value, "name", str(value)).upper()
+        if "SHARD_GRAD_OP" in name:
+            return False
+        if "FULL_SHARD" not in name:
+            log.warning("fsdp sharding strategy %s: vqim's FSDP2 sharding shards fully instead", name)
+        return True
 
     def _checkpoint_activations(self, model: nn.Module) -> None:
         from vqim.nn.transformer import Transformer
@@ -641,6 +654,8 @@ class Trainer(abc.ABC):
 
     def _finish(self, t0: float, start_step: int, stop_reason: str | None) -> dict[str, Any]:
         all_skipped = gather_names(self.acc, self.skipped)
+        if self.sharded:
+            sharding.reshard(self.raw)  # count shards, not weights a forward without backward left gathered
         summary: dict[str, Any] = {
             "steps": self.step,
             "steps_this_run": self.step - start_step,
