@@ -234,54 +234,25 @@ def test_converted_enhancing_vitvqgan_gives_its_codes_and_reconstruction(tmp_pat
     _matches_fixture(tmp_path / "tok3", ENH / "enhancing_tiny_outputs.safetensors", pixels=True)
 
 
-# The model sections of enhancing-transformers' configs/imagenet_vitvq_{small,base,large}.yaml.
-_VITVQ = {
-    "small": ((512, 8, 8, 2048), (512, 8, 8, 2048)),
-    "base": ((768, 12, 12, 3072), (768, 12, 12, 3072)),
-    "large": ((512, 8, 8, 2048), (1280, 32, 16, 5120)),
-}
-
-
-def _vitvq_shapes(params: dict) -> dict[str, tuple[int, ...]]:
-    """The shapes of a ViTVQ state dict (vitvqgan.py, layers.py, quantizers.py), less loss.*."""
-    p, g = params["patch_size"], params["image_size"] // params["patch_size"]
-    e, q = params["quantizer"]["embed_dim"], params["quantizer"]["n_embed"]
-    shapes: dict[str, tuple[int, ...]] = {
-        "quantizer.embedding.weight": (q, e), "pre_quant.weight": (e, params["encoder"]["dim"]),
-        "pre_quant.bias": (e,), "post_quant.weight": (params["decoder"]["dim"], e),
-        "post_quant.bias": (params["decoder"]["dim"],),
-    }  # fmt: skip
-    for side, pos in (("encoder", "en_pos_embedding"), ("decoder", "de_pos_embedding")):
-        s = params[side]
-        d, m, inner = s["dim"], s["mlp_dim"], s["heads"] * s.get("dim_head", 64)
-        shapes[f"{side}.{pos}"] = (1, g * g, d)
-        for i in range(s["depth"]):
-            t = f"{side}.transformer.layers.{i}"
-            shapes.update({f"{t}.0.norm.weight": (d,), f"{t}.0.norm.bias": (d,), f"{t}.0.fn.to_qkv.weight": (3 * inner, d),
-                           f"{t}.0.fn.to_out.weight": (d, inner), f"{t}.0.fn.to_out.bias": (d,), f"{t}.1.norm.weight": (d,),
-                           f"{t}.1.norm.bias": (d,), f"{t}.1.fn.net.0.weight": (m, d), f"{t}.1.fn.net.0.bias": (m,),
-                           f"{t}.1.fn.net.2.weight": (d, m), f"{t}.1.fn.net.2.bias": (d,)})  # fmt: skip
-        shapes[f"{side}.transformer.norm.weight"] = shapes[f"{side}.transformer.norm.bias"] = (d,)
-    d_enc, d_dec = params["encoder"]["dim"], params["decoder"]["dim"]
-    shapes.update({"encoder.to_patch_embedding.0.weight": (d_enc, 3, p, p), "encoder.to_patch_embedding.0.bias": (d_enc,),
-                   "decoder.to_pixel.1.weight": (d_dec, 3, p, p), "decoder.to_pixel.1.bias": (3,)})  # fmt: skip
-    return shapes
-
-
-@pytest.mark.parametrize("size", sorted(_VITVQ))
+@pytest.mark.parametrize("size", ["small", "base", "large"])
 def test_full_size_enhancing_vitvqgans_convert_with_the_sources_parameter_counts(size):
+    """The released small / base / large ViT-VQGANs: state dicts of the shapes the source's own modules make from
+    its configs (tests/fixtures/make_enhancing_full_size_shapes.py, enhancing-transformers e1c185d) convert to
+    vqim tokenizers of the same shapes and the source's trained parameter count."""
     from vqim.nn.transformer import sincos_2d
 
-    (ed, edepth, eh, em), (dd, ddepth, dh, dm) = _VITVQ[size]
-    params = {"image_key": "image", "image_size": 256, "patch_size": 8,
-              "encoder": {"dim": ed, "depth": edepth, "heads": eh, "mlp_dim": em},
-              "decoder": {"dim": dd, "depth": ddepth, "heads": dh, "mlp_dim": dm},
-              "quantizer": {"embed_dim": 32, "n_embed": 8192}}  # fmt: skip
-    shapes = _vitvq_shapes(params)
+    record = json.loads((ENH / "full_size_shapes.json").read_text())["models"][size]
+    params, shapes = record["params"], _expand(record["shapes"])
+    g, ed, dd = (
+        params["image_size"] // params["patch_size"],
+        params["encoder"]["dim"],
+        params["decoder"]["dim"],
+    )
     # Weights on the meta device (shapes, no memory); the fixed tables as the source makes them, in vqim's layout.
-    sd = {k: torch.empty(s, device="meta") for k, s in shapes.items() if "pos_embedding" not in k}
-    sd["encoder.en_pos_embedding"] = sincos_2d(32, 32, ed)[None]
-    sd["decoder.de_pos_embedding"] = sincos_2d(32, 32, dd)[None]
+    sd = {k: torch.empty(s, device="meta") for k, s in shapes.items() if k not in record["untrained"]}
+    sd["encoder.en_pos_embedding"] = sincos_2d(g, g, ed)[None]
+    sd["decoder.de_pos_embedding"] = sincos_2d(g, g, dd)[None]
+    assert {k: tuple(v.shape) for k, v in sd.items()} == shapes
     cfg = enhancing.tokenizer_config({"model": {"target": "enhancing.modules.stage1.vitvqgan.ViTVQ", "params": params}},
                                      sd, f"imagenet_vitvq_{size}.yaml")  # fmt: skip
     assert cfg.pos_embed == "sincos" and cfg.dec_head_dim == 64
@@ -290,8 +261,7 @@ def test_full_size_enhancing_vitvqgans_convert_with_the_sources_parameter_counts
         tok = Tokenizer(cfg)
     shape = lambda d: {k: tuple(v.shape) for k, v in d.items()}
     assert shape(state) == shape(tok.state_dict())
-    trained = sum(torch.Size(s).numel() for k, s in shapes.items() if "pos_embedding" not in k)
-    assert tok.num_params()["total"] == trained
+    assert tok.num_params()["total"] == record["trained_parameters"]
 
 
 def test_enhancing_configs_it_cannot_convert_are_refused(tmp_path):
