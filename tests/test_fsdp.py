@@ -91,14 +91,19 @@ def test_sharded_training_equals_one_process_and_resumes_either_way(tmp_path, to
     _assert_same(load_file(fsdp / state), load_file(one / state), "optimizer state")
     assert json.loads((fsdp / "checkpoints/step-0000004/training_state.json").read_text())["world_size"] == 2
 
-    # Stopped after its step-2 checkpoint, the sharded run resumes sharded, or unsharded on one process.
+    # Stopped after its step-2 checkpoint, the sharded run resumes sharded, or unsharded on one process; and the
+    # one-process run's step-2 checkpoint resumes sharded on two.
     again = tmp_path / "again"
     _interrupted_copy(fsdp, again, 2)
     _launch_two(tokens, again, 29542, steps=4, fsdp=True, resume=True)
     back = tmp_path / "back"
     _interrupted_copy(fsdp, back, 2)
     _train_in_process(tokens, back, steps=4, resume=True)
-    for run in (again, back):
+    forth = tmp_path / "forth"
+    _interrupted_copy(one, forth, 2)
+    _launch_two(tokens, forth, 29543, steps=4, fsdp=True, resume=True)
+    assert json.loads((forth / "metrics.json").read_text())["sharded"] is True
+    for run in (again, back, forth):
         assert json.loads((run / "metrics.json").read_text())["steps_this_run"] == 2
         for name in ("model.safetensors", "ema.safetensors"):
             _assert_same(load_file(run / name), load_file(one / name), f"{run.name} {name}")
