@@ -109,7 +109,7 @@ def test_converted_llamagen_vq_gives_llamagens_codes_and_reconstruction(tmp_path
     res = convert(ConvertConfig(source="llamagen", checkpoint=str(lg / "llamagen_tiny.pt"), image_size=16,
                                 out=str(tmp_path / "tok")))  # fmt: skip
     c = res["config"]
-    assert (c["l2_norm"], c["lookup_dim"], c["codebook_size"], c["cnn_ch_mult"]) == (True, 8, 16, (1, 2))
+    assert (c["l2_norm"], c["lookup_dim"], c["codebook_size"], c["cnn_ch_mult"]) == (True, 8, 16, (1, 1))
     with safe_open(lg / "llamagen_tiny_outputs.safetensors", "pt") as f:
         assert f.metadata()["commit"] == "ce98ec41803a74a90ce68c40ababa9eaeffeb4ec"
     _matches_fixture(tmp_path / "tok", lg / "llamagen_tiny_outputs.safetensors")
