@@ -280,6 +280,13 @@ def test_enhancing_configs_it_cannot_convert_are_refused(tmp_path):
     with pytest.raises(InputError, match="lacks encoder.to_patch_embedding.0.weight"):
         convert(ConvertConfig(source="enhancing", checkpoint=str(FIXTURE / "taming_tiny.ckpt"),
                               config=str(ENH / "enhancing_tiny.yaml"), out=str(tmp_path / "o")))  # fmt: skip
+    # A --config whose widths differ from the weights' is blamed on the two files given, not on the output folder.
+    wide = yaml.safe_load((ENH / "enhancing_tiny.yaml").read_text())
+    wide["model"]["params"]["encoder"]["mlp_dim"] *= 2
+    (tmp_path / "wide.yaml").write_text(yaml.safe_dump(wide))
+    with pytest.raises(InputError, match=r"the weights do not fit the model --config .*wide\.yaml describes"):
+        convert(ConvertConfig(source="enhancing", checkpoint=str(ENH / "enhancing_tiny.safetensors"),
+                              config=str(tmp_path / "wide.yaml"), out=str(tmp_path / "o")))  # fmt: skip
     # A --config shallower than the weights would silently drop blocks: refused, naming both depths.
     config = yaml.safe_load((ENH / "enhancing_tiny.yaml").read_text())
     depth = config["model"]["params"]["decoder"]["depth"]

@@ -313,10 +313,13 @@ class PretrainedMixin:
             raise InputError(f"{path}: {' '.join(str(e).split())}") from e
 
     @classmethod
-    def build_checked(cls: type[M], config: Any, state: dict[str, torch.Tensor], directory: Any) -> M:
+    def build_checked(
+        cls: type[M], config: Any, state: dict[str, torch.Tensor], directory: Any, source: str | None = None
+    ) -> M:
         """The model of config, after checking on the meta device (no memory) that its parameters have the
         names and shapes of the weights in state: a config that does not match its weights, or asks for an
-        absurd size, is refused before anything is allocated."""
+        absurd size, is refused before anything is allocated. `source` names where config and state came from
+        when they are not a model folder's two files (a conversion)."""
         with torch.device("meta"):
             try:
                 shell = cls(config)
@@ -332,6 +335,8 @@ class PretrainedMixin:
         if extra:
             problems.append(f"unexpected {', '.join(extra[:3])}{' …' if len(extra) > 3 else ''}")
         if problems:
+            if source is not None:
+                raise InputError(f"{source} ({'; '.join(problems[:3])})")
             raise InputError(
                 f"{Path(directory) / CONFIG_NAME} does not match the weights in {Path(directory) / WEIGHTS_NAME} "
                 f"({'; '.join(problems[:3])}): the two files belong to different models"

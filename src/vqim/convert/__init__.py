@@ -95,7 +95,10 @@ def convert(cfg: ConvertConfig) -> dict[str, Any]:
 
         tcfg = llamagen.tokenizer_config(sd, cfg.image_size, cfg.checkpoint)
         state = llamagen.tokenizer_state(sd, tcfg, cfg.checkpoint)
-    model = Tokenizer.build_checked(tcfg, state, cfg.out)
+    given = f"--config {cfg.config}" if cfg.config else "the architecture read off the weights"
+    model = Tokenizer.build_checked(
+        tcfg, state, cfg.out, source=f"{cfg.checkpoint}: the weights do not fit the model {given} describes"
+    )
     model.load_state_dict(state)
     model.save_pretrained(cfg.out)
     return {"out": cfg.out, "source": cfg.source, "kind": "tokenizer", "params": model.num_params(),
@@ -113,7 +116,8 @@ def _convert_taming_prior(cfg: ConvertConfig, yaml_cfg: dict[str, Any], sd: dict
     pcfg, first, sos = taming.prior_config(yaml_cfg, cfg.config)
     state = taming.prior_state(sd, pcfg, sos, cfg.checkpoint)
     out = Path(cfg.out)
-    prior = Prior.build_checked(pcfg, state, out / "prior")
+    misfit = f"{cfg.checkpoint}: the weights do not fit the model --config {cfg.config} describes"
+    prior = Prior.build_checked(pcfg, state, out / "prior", source=misfit)
     prior.load_state_dict(state)
     prior.save_pretrained(out / "prior")
     result: dict[str, Any] = {"out": str(out), "source": cfg.source, "kind": "prior", "prior": str(out / "prior"),
@@ -124,7 +128,7 @@ def _convert_taming_prior(cfg: ConvertConfig, yaml_cfg: dict[str, Any], sd: dict
     }
     if first_sd:
         tstate = taming.tokenizer_state(first_sd, first, cfg.checkpoint)
-        tok = Tokenizer.build_checked(first, tstate, out / "tokenizer")
+        tok = Tokenizer.build_checked(first, tstate, out / "tokenizer", source=misfit)
         tok.load_state_dict(tstate)
         tok.save_pretrained(out / "tokenizer")
         result["tokenizer"] = str(out / "tokenizer")
