@@ -192,7 +192,10 @@ class PriorTrainer(Trainer):
 
     def periodic(self, step: int) -> None:
         if self.val_set is not None and (step % self.cfg.eval_every == 0 or step == self.cfg.steps):
-            self.val_bits = bits_per_token(self.raw, self.val_set, device=self.device)
+            # In the run's mixed precision: Accelerate patches the prepared model's forward with it, a model sharded
+            # by vqim (--fsdp) has no such patch.
+            with self.acc.autocast():
+                self.val_bits = bits_per_token(self.raw, self.val_set, device=self.device)
             if self.writer is not None:
                 self.writer.add_scalar("val/bits_per_token", self.val_bits, step)
 
