@@ -50,14 +50,10 @@ def _status(key: str) -> float:
     return float("nan")
 
 
-def dev_is_cpu(device: str) -> bool:
-    return device.split(":")[0] == "cpu"
-
-
 def build(args: argparse.Namespace):
     """The prior and `make_step(row)`: one optimizer step of a row's configuration."""
     torch.set_num_threads(args.threads)
-    if dev_is_cpu(args.device):
+    if args.device.split(":")[0] == "cpu":
         retain_freed_memory()
     torch.manual_seed(0)
     dev = args.device

@@ -88,11 +88,16 @@ def tokenizer_config(
     return cfg if _sincos_tables(sd, cfg) else dataclasses.replace(cfg, pos_embed="learned")
 
 
-def _transformer(sd: dict[str, torch.Tensor], src: str, dst: str, depth: int) -> dict[str, torch.Tensor]:
+def _transformer(
+    sd: dict[str, torch.Tensor], src: str, dst: str, depth: int, path: str | Path
+) -> dict[str, torch.Tensor]:
     """vqim's Transformer weights (prefix dst) of the source's (prefix src): PreNorm(Attention), PreNorm(FF)."""
-    if any(k.startswith(f"{src}.layers.{depth}.") for k in sd):
+    if any(k.startswith(f"{src}.layers.{depth}.") for k in sd):  # a --config shallower than the weights
         deeper = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith(f"{src}.layers."))
-        raise KeyError(f"{src}.layers: {deeper} blocks in the checkpoint, {depth} in the config")
+        raise InputError(
+            f"{path}: {src}.layers: {deeper} blocks in the checkpoint, {depth} in the config: give the --config "
+            "the checkpoint was trained with"
+        )
     out = {f"{dst}.norm.{q}": sd[f"{src}.norm.{q}"] for q in ("weight", "bias")}
     for i in range(depth):
         s, d = f"{src}.layers.{i}", f"{dst}.blocks.{i}"
@@ -115,8 +120,8 @@ def tokenizer_state(
         conv_w, conv_b = sd["encoder.to_patch_embedding.0.weight"], sd["encoder.to_patch_embedding.0.bias"]
         tconv_w, tconv_b = sd["decoder.to_pixel.1.weight"], sd["decoder.to_pixel.1.bias"]
         out = {
-            **_transformer(sd, "encoder.transformer", "encoder.transformer", cfg.enc_depth),
-            **_transformer(sd, "decoder.transformer", "decoder.transformer", cfg.dec_depth),
+            **_transformer(sd, "encoder.transformer", "encoder.transformer", cfg.enc_depth, path),
+            **_transformer(sd, "decoder.transformer", "decoder.transformer", cfg.dec_depth, path),
             "quantizer.codebook": sd["quantizer.embedding.weight"],
         }
         for mine, theirs in (("project_in", "pre_quant"), ("project_out", "post_quant")):
@@ -125,10 +130,6 @@ def tokenizer_state(
         if cfg.pos_embed == "learned":
             out["encoder.pos.weight"], out["decoder.pos.weight"] = sd[_POS["encoder"]], sd[_POS["decoder"]]
     except KeyError as e:
-        if "blocks in the checkpoint" in str(e.args[0]):  # a --config of another depth than the weights
-            raise InputError(
-                f"{path}: {e.args[0]}: give the --config the checkpoint was trained with"
-            ) from None
         raise InputError(
             f"{path}: the checkpoint lacks {e.args[0]}: not an enhancing-transformers ViTVQ"
         ) from None

@@ -10,8 +10,8 @@ activation costing some 5 ms of faults against 0.5 ms of arithmetic (`--malloc` 
 `retain_freed_memory` sets glibc's mmap threshold to its largest value (32 MiB) and turns trimming off, so
 freed blocks stay in the heap and the next step reuses them: what a caching allocator does on a GPU. The
 process's resident memory then stays near its peak instead of shrinking between steps. Tensors above 32 MiB
-still come from mmap. It is a process-wide setting, so it is never made at import: the trainers call it when
-they train on the CPU, and a program that embeds vqim may call it itself.
+still come from mmap. It is a process-wide setting, so it is never made at import: every `vqim` command calls it
+at start, the trainers when they train on the CPU, and a program that embeds vqim may call it itself.
 """
 
 from __future__ import annotations
