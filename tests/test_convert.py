@@ -234,6 +234,22 @@ def test_converted_enhancing_vitvqgan_gives_its_codes_and_reconstruction(tmp_pat
     _matches_fixture(tmp_path / "tok3", ENH / "enhancing_tiny_outputs.safetensors", pixels=True)
 
 
+def test_half_precision_checkpoints_convert_to_the_float32_models_of_their_values(tmp_path):
+    """A half-precision checkpoint converts to what its values give at float32: the taming and LlamaGen fixtures
+    are stored in half precision (the sources ran on those values), and the enhancing converter's folded patch
+    embedding is computed from half-precision weights without rounding the sums back to half precision."""
+    assert load_checkpoint(FIXTURE / "taming_tiny.ckpt")["state_dict"]["encoder.conv_in.weight"].dtype == torch.half
+    sd = load_file(ENH / "enhancing_tiny.safetensors")
+    config = yaml.safe_load((ENH / "enhancing_tiny.yaml").read_text())
+    cfg = enhancing.tokenizer_config(config, sd, "x")
+    half = enhancing.tokenizer_state({k: v.half() for k, v in sd.items()}, cfg, "x")
+    rounded = enhancing.tokenizer_state({k: v.half().float() for k, v in sd.items()}, cfg, "x")
+    assert half.keys() == rounded.keys()
+    for k in ("encoder.patch_embed.bias", "decoder.head.bias"):
+        assert half[k].dtype == torch.float32 and torch.equal(half[k], rounded[k]), k
+    assert all(torch.equal(half[k].float(), rounded[k].float()) for k in half)
+
+
 @pytest.mark.parametrize("size", ["small", "base", "large"])
 def test_full_size_enhancing_vitvqgans_convert_with_the_sources_parameter_counts(size):
     """The released small / base / large ViT-VQGANs: state dicts of the shapes the source's own modules make from

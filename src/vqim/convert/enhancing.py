@@ -139,8 +139,10 @@ def tokenizer_state(
         if tuple(w.shape) != shape:
             raise InputError(f"{path}: the {what} has shape {list(w.shape)}, the config needs {list(shape)}")
     # Conv2d(C, D, p, stride p) on an image x in [0, 1] = Linear on patchify(2x − 1) with (row, col, channel)
-    # inputs: half the weights, and the bias plus half the weights' sums (the folded −1).
-    w, dtype = conv_w.double().permute(0, 2, 3, 1).reshape(cfg.enc_dim, -1), conv_w.dtype
+    # inputs: half the weights, and the bias plus half the weights' sums (the folded −1). Folded in float64 and kept
+    # at float32 at least (a half-precision checkpoint's folded sums would otherwise be rounded to half precision).
+    w = conv_w.double().permute(0, 2, 3, 1).reshape(cfg.enc_dim, -1)
+    dtype = torch.promote_types(conv_w.dtype, torch.float32)
     out["encoder.patch_embed.weight"] = (w / 2).to(dtype)
     out["encoder.patch_embed.bias"] = (conv_b.double() + w.sum(1) / 2).to(dtype)
     # ConvTranspose2d(D, C, p, stride p) = per-token Linear to (row, col, channel) pixels + a bias per channel;
