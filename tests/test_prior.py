@@ -485,10 +485,21 @@ def test_split_products_fall_back_for_odd_widths(split_tiny):
         assert _split_used(linear.Linear(8, 24, bias=False), x)  # 8 blocks, no bias: bmm
 
 
-@pytest.mark.parametrize("shape", [(8,), (3, 8), (2, 1, 8), (2, 2, 1, 8)])
+@pytest.mark.parametrize("shape", [(8,), (1, 8), (1, 1, 8), (1, 1, 1, 8), (3, 8), (2, 1, 8), (2, 2, 1, 8)])
 def test_split_products_keep_the_input_shape(split_tiny, shape):
     """The row-split product returns F.linear's result in F.linear's shape for inputs of any rank."""
     x = torch.randn(shape)
     with torch.no_grad():
         assert _split_used(linear.Linear(8, 24), x)
         assert linear.Linear(8, 24)(x).shape == (*shape[:-1], 24)
+
+
+def test_split_products_read_any_input_layout(split_tiny):
+    """Inputs that are not contiguous, or start inside their storage, give F.linear's values (the contiguous
+    operand is a strided view of the input's own memory)."""
+    layer = linear.Linear(8, 24)
+    base = torch.randn(4, 3, 8)
+    with torch.no_grad():
+        for x in (base[:, 1], base[2, 1:], base[1:2, 2], base.transpose(0, 1)[1], base[:, :, ::2].repeat(1, 1, 2)[0]):
+            assert _split_used(layer, x)
+            assert layer(x).shape == (*x.shape[:-1], 24)

@@ -345,7 +345,7 @@ class Prior(PretrainedMixin, nn.Module):
         """Cached decoding: run input vectors x (B, N, D), the N positions after those in `caches`, through
         the network, appending their keys and values; return the logits (B, V) at the last of them."""
         m = self._modules  # no nn.Module.__getattr__ per step (see vqim.nn.transformer.Block.forward)
-        return m["head"].forward(m["transformer"].forward(x, caches=caches)[:, -1])
+        return m["head"].forward(m["transformer"].forward(x, caches=caches).select(1, -1))
 
     def drop_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Replace each label by the null class with probability class_dropout (training only)."""

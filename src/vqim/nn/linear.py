@@ -68,24 +68,36 @@ class Linear(nn.Linear):
         blocks = self._blocks
         if blocks is None:
             blocks = self._blocks = self._make_blocks()
-        if blocks is not False and _enabled and not torch.is_grad_enabled() and x.numel() <= blocks[3]:
-            w, ws, bs, _, ptr, d_in, out, s = blocks
-            if self._parameters["weight"] is not w or w.data_ptr() != ptr:  # replaced since: new views
-                self._blocks = None
-                return self.forward(x)
-            # x (rows, in) transposed to (in, rows) with strides (1, in): MKL takes it as a transposed operand
-            # and runs the batched GEMM path; the same column made contiguous (strides (1, 1)) is 5× slower.
-            xt = x.reshape(-1, d_in).t().expand(s, -1, -1)
-            y = (torch.bmm(ws, xt) if bs is None else torch.baddbmm(bs, ws, xt)).permute(2, 0, 1)
-            # (S, out/S, rows) → (..., out). The decode step's (B, 1, D) and (B, D) inputs get the shape from
-            # ints: building it as x.shape[:-1] + (out,) made a whole decode step measurably slower
-            # (benchmarks/decode_ab.py).
-            nd = x.dim()
-            if nd == 3:
-                return y.reshape(x.shape[0], x.shape[1], out)
-            if nd == 2:
-                return y.reshape(x.shape[0], out)
-            return y.reshape(x.shape[:-1] + (out,))
+        if blocks is not False and _enabled and not torch.is_grad_enabled():
+            w, ws, bs, most, ptr, d_in, out, s = blocks
+            n = x.numel()
+            if n <= most:
+                if self._parameters["weight"] is not w or w.data_ptr() != ptr:  # replaced since: new views
+                    self._blocks = None
+                    return self.forward(x)
+                # Inline rather than a helper function: each Python frame and each tensor-view call costs about
+                # a microsecond here, and a decode step makes some 30 of these products.
+                rows = n // d_in
+                if x.is_contiguous():
+                    # x's rows as the columns of one (in, rows) operand with strides (1, in), the same for every
+                    # block (stride 0): one view. MKL takes a transposed operand and runs the batched GEMM path;
+                    # the same column made contiguous (strides (1, 1)) is 5× slower.
+                    xt = x.as_strided((s, d_in, rows), (0, 1, d_in))
+                else:
+                    xt = x.reshape(rows, d_in).t().expand(s, -1, -1)
+                y = torch.bmm(ws, xt) if bs is None else torch.baddbmm(bs, ws, xt)  # (S, out/S, rows)
+                nd = x.dim()
+                if rows == 1:  # (S, out/S, 1) holds the row's outputs in order: a view
+                    if nd == 3:
+                        return y.view(1, 1, out)
+                    return y.view(1, out) if nd == 2 else y.view(x.shape[:-1] + (out,))
+                # (S, out/S, rows) → (rows, S, out/S): a copy. The decode step's (B, 1, D) and (B, D) inputs get
+                # the shape from ints: building it as x.shape[:-1] + (out,) made a whole decode step measurably
+                # slower (benchmarks/decode_ab.py).
+                y = y.permute(2, 0, 1)
+                if nd == 3:
+                    return y.reshape(x.shape[0], x.shape[1], out)
+                return y.reshape(rows, out) if nd == 2 else y.reshape(x.shape[:-1] + (out,))
         return F.linear(x, self.weight, self.bias)
 
     def _make_blocks(self) -> tuple | bool:

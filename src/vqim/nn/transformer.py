@@ -236,8 +236,13 @@ class Block(nn.Module):
         # _modules (nn.Module.__getattr__ is a Python call per attribute) and adding in place. At batch 1 a
         # decode step is a few hundred small calls between weight streams, and each Python frame costs
         # microseconds here (benchmarks/sampling_speed.py); module hooks on the children do not fire here.
+        return self.step_(x.clone(), cache)
+
+    def step_(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """`forward(x, cache)` adding both residuals into x itself (the caller's own tensor, which is returned):
+        `Transformer.forward` copies its input once and passes it through every block."""
         m = self._modules
-        x = x + m["attn"].forward(_norm(m["norm1"], x), cache)
+        x.add_(m["attn"].forward(_norm(m["norm1"], x), cache))
         return x.add_(m["mlp"].step(_norm(m["norm2"], x)))
 
 
@@ -292,8 +297,9 @@ class Transformer(nn.Module):
             raise InputError(f"need one KV cache per block ({len(self.blocks)}), got {len(caches)}")
         taps: dict[int, torch.Tensor] = {}
         if caches is not None and return_blocks is None:  # cached decoding: see Block.forward
+            x = x.clone()  # the residual stream, updated in place by every block
             for blk, cache in zip(self._modules["blocks"], caches):
-                x = blk.forward(x, cache)
+                blk.step_(x, cache)
             return _norm(self._modules["norm"], x)
         recompute = (
             self.checkpoint_activations and self.training and caches is None and torch.is_grad_enabled()
