@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode, bmm_flop, sdpa_backward_flop_count, sdpa_flop_count
 
 SQUARE = 2048  # sgemm size reported as the machine's matmul speed
 
@@ -151,13 +151,18 @@ class Limits:
 
 # FlopCounterMode knows the fused attention kernels of CUDA; on CPU, scaled_dot_product_attention runs
 # `_scaled_dot_product_flash_attention_for_cpu`, which it does not count, so it is added here with the same
-# formulas (the full T×T score matrix, causal or not).
+# formula (the full T×T score matrix, causal or not).
 def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-def _cpu_sdpa_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kw):
-    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+# Backward: PyTorch's formula counts five products, the fused kernels' recomputation of the scores q·kᵀ among
+# them. MFU counts the model's FLOPs, not what a kernel recomputes (as for activation checkpointing), so the
+# backward of attention is the four products of its gradients, for every fused kernel, CPU and CUDA.
+def _sdpa_backward_model_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kw):
+    b, h, s_q, d_q = query_shape
+    recomputed_scores = bmm_flop((b * h, s_q, d_q), (b * h, d_q, key_shape[2]))
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape) - recomputed_scores
 
 
 def _custom_flops() -> dict:
@@ -165,8 +170,10 @@ def _custom_flops() -> dict:
     out = {}
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
         out[aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_sdpa_flop
-    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
-        out[aten._scaled_dot_product_flash_attention_for_cpu_backward] = _cpu_sdpa_backward_flop
+    for name in ("_scaled_dot_product_flash_attention_for_cpu_backward", "_scaled_dot_product_flash_attention_backward",
+                 "_scaled_dot_product_efficient_attention_backward", "_scaled_dot_product_cudnn_attention_backward"):  # fmt: skip
+        if hasattr(aten, name):
+            out[getattr(aten, name)] = _sdpa_backward_model_flop
     return out
 
 
