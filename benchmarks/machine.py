@@ -74,6 +74,26 @@ def matmul_gflops(
     return 2 * m * k * n / seconds_per_call(lambda: a @ b, device, reps) / 1e9
 
 
+def paired_mfu(fn: Callable[[], object], flops: float, repeats: int, device: str, sgemm_calls: int = 3) -> dict:
+    """MFU on a machine whose speed drifts within a run: each of `repeats` timed calls of fn follows an sgemm
+    sample (`sgemm_calls` back-to-back square fp32 products) taken just before it, and the ratio of the call's
+    FLOP/s (`flops` per call) to that sample is computed per pair. Returns the ratios' median and quartiles and
+    the sgemm samples' median, min and max."""
+    a = torch.randn(SQUARE, SQUARE, device=device)
+    b = torch.randn(SQUARE, SQUARE, device=device)
+    a @ b
+    ratios, sgemm, seconds = [], [], []
+    for _ in range(repeats):
+        t_mm = timed(lambda: [a @ b for _ in range(sgemm_calls)], 1, device)[0] / sgemm_calls
+        seconds.append(timed(fn, 1, device)[0])
+        sgemm.append(2 * SQUARE**3 / t_mm / 1e9)
+        ratios.append(flops / seconds[-1] / 1e9 / sgemm[-1])
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return {"median": round(statistics.median(ratios), 3), "q1": round(q[0], 3), "q3": round(q[2], 3),
+            "seconds_per_call": stats(seconds, 3), "sgemm_gflops_before_each_call": stats(sgemm, 1),
+            "pairs": repeats}  # fmt: skip
+
+
 def memory_read_gb_per_s(device: str, mbytes: int = 256, reps: int = 5) -> float:
     """GB/s of reading a `mbytes` MiB fp32 tensor once (its sum; median of `reps` samples)."""
     x = torch.ones(mbytes * 2**20 // 4, device=device)

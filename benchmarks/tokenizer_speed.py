@@ -9,9 +9,11 @@ figures at this configuration, measured elsewhere; they are references, and noth
 
 Printed: images/s (median, min–max of --repeats timed calls); the FLOPs of one training step and of one
 encode, counted with torch.utils.flop_counter over an untimed call (matrix products, convolutions and
-attention, forward + backward); the FLOP/s they imply; and MFU = that FLOP/s ÷ the sgemm speed measured in
-the same run (benchmarks/machine.py: before and after the workload, the larger of the two), beside the share
-of sgemm at the model's own largest product shape.
+attention, forward + backward; model FLOPs: a fused kernel's recomputation is not counted); the FLOP/s they
+imply; and MFU = that FLOP/s ÷ the sgemm speed measured in the same run (benchmarks/machine.py: before and after
+the workload, the larger of the two), beside the share of sgemm at the model's own largest product shape. On
+CPU, `train_mfu_paired` times --repeats more training steps, each right after an sgemm sample, and gives the
+per-pair MFU's median and quartiles: the figure to quote on a machine whose speed moves within a run.
 
 --gan stylegan|patchgan times the full adversarial step as `vqim train-tokenizer` runs it: the generator step
 (reconstruction + GAN term through the discriminator, backward, Adam) and then the discriminator step on real
@@ -30,7 +32,7 @@ import json
 
 import torch
 
-from machine import Limits, count_flops, stats, timed
+from machine import Limits, count_flops, paired_mfu, stats, timed
 from vqim import Tokenizer
 from vqim.nn.memory import retain_freed_memory
 from vqim.train.common import param_groups
@@ -126,6 +128,8 @@ def run_arch(args, arch: str) -> dict:
     faults0 = minor_faults()
     train = measure(train_step, args.train_batch, args.repeats, args.warmup, dev)
     faults_per_step = (minor_faults() - faults0) / (args.repeats + args.warmup)
+    steps = iter(range(args.warmup + args.repeats, 10**9))
+    paired = paired_mfu(lambda: train_step(next(steps)), flops_per_step, args.repeats, dev) if dev == "cpu" else None
     tok.eval()
     enc_flops = count_flops(encode)
     enc = measure(encode, args.encode_batch, args.repeats, args.warmup, dev)
@@ -138,6 +142,9 @@ def run_arch(args, arch: str) -> dict:
         # Pages the kernel had to map (and zero) for this process, per training step: freed memory handed back
         # to the kernel and faulted in again (see --malloc).
         "minor_page_faults_per_train_step": round(faults_per_step),
+        # Each of --repeats further training steps right after an sgemm sample, MFU per pair (machine.paired_mfu):
+        # on a shared machine whose speed moves within a run, steadier than the median rate over sgemm's best.
+        "train_mfu_paired": paired,
         "flops": {
             "train_per_image": round(flops_per_step / args.train_batch),
             "encode_per_image": round(enc_flops["total"] / args.encode_batch),

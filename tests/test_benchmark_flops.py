@@ -30,3 +30,16 @@ def test_fused_attention_counts_the_models_flops(causal):
     assert counted["total"] == count_flops(products)["total"] == 3 * (2 * 2 * b * h * n * n * d)
     backward = sum(v for op, v in counted.items() if op.endswith("_backward"))
     assert backward == 2 * (2 * 2 * b * h * n * n * d)  # four products: twice the forward's two
+
+
+def test_paired_mfu_divides_each_call_by_the_sgemm_sample_before_it(monkeypatch):
+    """A workload exactly as fast as the sgemm sample before it has MFU 1, however the machine's speed moves
+    between pairs (simulated: every sgemm product and the workload cost one clock tick of a varying length)."""
+    import machine
+
+    ticks = iter([0.0, 3 * 0.1, 3 * 0.1, 3 * 0.1 + 0.1, 1.0, 1.0 + 3 * 0.5, 1.0 + 3 * 0.5, 1.0 + 3 * 0.5 + 0.5])
+    monkeypatch.setattr(machine.time, "perf_counter", lambda: next(ticks))
+    flops = 2 * machine.SQUARE**3
+    out = machine.paired_mfu(lambda: None, flops, repeats=2, device="cpu", sgemm_calls=3)
+    assert out["median"] == out["q1"] == out["q3"] == 1.0
+    assert out["seconds_per_call"] == {"median": 0.3, "min": 0.1, "max": 0.5}
