@@ -74,7 +74,9 @@ def matmul_gflops(
     return 2 * m * k * n / seconds_per_call(lambda: a @ b, device, reps) / 1e9
 
 
-def paired_mfu(fn: Callable[[], object], flops: float, repeats: int, device: str, sgemm_calls: int = 3) -> dict:
+def paired_mfu(
+    fn: Callable[[], object], flops: float, repeats: int, device: str, sgemm_calls: int = 3
+) -> dict:
     """MFU on a machine whose speed drifts within a run: each of `repeats` timed calls of fn follows an sgemm
     sample (`sgemm_calls` back-to-back square fp32 products) taken just before it, and the ratio of the call's
     FLOP/s (`flops` per call) to that sample is computed per pair. Returns the ratios' median and quartiles and
@@ -179,7 +181,9 @@ def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, *
 # Backward: PyTorch's formula counts five products, the fused kernels' recomputation of the scores q·kᵀ among
 # them. MFU counts the model's FLOPs, not what a kernel recomputes (as for activation checkpointing), so the
 # backward of attention is the four products of its gradients, for every fused kernel, CPU and CUDA.
-def _sdpa_backward_model_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kw):
+def _sdpa_backward_model_flop(
+    grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kw
+):
     b, h, s_q, d_q = query_shape
     recomputed_scores = bmm_flop((b * h, s_q, d_q), (b * h, d_q, key_shape[2]))
     return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape) - recomputed_scores

@@ -129,7 +129,11 @@ def run_arch(args, arch: str) -> dict:
     train = measure(train_step, args.train_batch, args.repeats, args.warmup, dev)
     faults_per_step = (minor_faults() - faults0) / (args.repeats + args.warmup)
     steps = iter(range(args.warmup + args.repeats, 10**9))
-    paired = paired_mfu(lambda: train_step(next(steps)), flops_per_step, args.repeats, dev) if dev == "cpu" else None
+    paired = (
+        paired_mfu(lambda: train_step(next(steps)), flops_per_step, args.repeats, dev)
+        if dev == "cpu"
+        else None
+    )
     tok.eval()
     enc_flops = count_flops(encode)
     enc = measure(encode, args.encode_batch, args.repeats, args.warmup, dev)

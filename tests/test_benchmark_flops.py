@@ -37,7 +37,9 @@ def test_paired_mfu_divides_each_call_by_the_sgemm_sample_before_it(monkeypatch)
     between pairs (simulated: every sgemm product and the workload cost one clock tick of a varying length)."""
     import machine
 
-    ticks = iter([0.0, 3 * 0.1, 3 * 0.1, 3 * 0.1 + 0.1, 1.0, 1.0 + 3 * 0.5, 1.0 + 3 * 0.5, 1.0 + 3 * 0.5 + 0.5])
+    ticks = iter(
+        [0.0, 3 * 0.1, 3 * 0.1, 3 * 0.1 + 0.1, 1.0, 1.0 + 3 * 0.5, 1.0 + 3 * 0.5, 1.0 + 3 * 0.5 + 0.5]
+    )
     monkeypatch.setattr(machine.time, "perf_counter", lambda: next(ticks))
     flops = 2 * machine.SQUARE**3
     out = machine.paired_mfu(lambda: None, flops, repeats=2, device="cpu", sgemm_calls=3)

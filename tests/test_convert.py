@@ -238,7 +238,10 @@ def test_half_precision_checkpoints_convert_to_the_float32_models_of_their_value
     """A half-precision checkpoint converts to what its values give at float32: the taming and LlamaGen fixtures
     are stored in half precision (the sources ran on those values), and the enhancing converter's folded patch
     embedding is computed from half-precision weights without rounding the sums back to half precision."""
-    assert load_checkpoint(FIXTURE / "taming_tiny.ckpt")["state_dict"]["encoder.conv_in.weight"].dtype == torch.half
+    assert (
+        load_checkpoint(FIXTURE / "taming_tiny.ckpt")["state_dict"]["encoder.conv_in.weight"].dtype
+        == torch.half
+    )
     sd = load_file(ENH / "enhancing_tiny.safetensors")
     config = yaml.safe_load((ENH / "enhancing_tiny.yaml").read_text())
     cfg = enhancing.tokenizer_config(config, sd, "x")

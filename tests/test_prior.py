@@ -500,6 +500,12 @@ def test_split_products_read_any_input_layout(split_tiny):
     layer = linear.Linear(8, 24)
     base = torch.randn(4, 3, 8)
     with torch.no_grad():
-        for x in (base[:, 1], base[2, 1:], base[1:2, 2], base.transpose(0, 1)[1], base[:, :, ::2].repeat(1, 1, 2)[0]):
+        for x in (
+            base[:, 1],
+            base[2, 1:],
+            base[1:2, 2],
+            base.transpose(0, 1)[1],
+            base[:, :, ::2].repeat(1, 1, 2)[0],
+        ):
             assert _split_used(layer, x)
             assert layer(x).shape == (*x.shape[:-1], 24)
