@@ -34,14 +34,15 @@ def test_fused_attention_counts_the_models_flops(causal):
 
 def test_paired_mfu_divides_each_call_by_the_sgemm_sample_before_it(monkeypatch):
     """A workload exactly as fast as the sgemm sample before it has MFU 1, however the machine's speed moves
-    between pairs (simulated: every sgemm product and the workload cost one clock tick of a varying length)."""
+    between pairs (simulated: the timer reports each sgemm product and each workload call at a speed that
+    changes from pair to pair)."""
     import machine
 
-    ticks = iter(
-        [0.0, 3 * 0.1, 3 * 0.1, 3 * 0.1 + 0.1, 1.0, 1.0 + 3 * 0.5, 1.0 + 3 * 0.5, 1.0 + 3 * 0.5 + 0.5]
-    )
-    monkeypatch.setattr(machine.time, "perf_counter", lambda: next(ticks))
+    monkeypatch.setattr(machine, "SQUARE", 8)  # the products really run; only their timing is simulated
+    durations = iter([3 * 0.1, 0.1, 3 * 0.5, 0.5])  # pair 1: fast machine, pair 2: five times slower
+    monkeypatch.setattr(machine, "timed", lambda fn, repeats, device: [fn(), next(durations)][1:])
     flops = 2 * machine.SQUARE**3
     out = machine.paired_mfu(lambda: None, flops, repeats=2, device="cpu", sgemm_calls=3)
     assert out["median"] == out["q1"] == out["q3"] == 1.0
     assert out["seconds_per_call"] == {"median": 0.3, "min": 0.1, "max": 0.5}
+    assert out["sgemm_gflops_before_each_call"]["max"] == round(flops / 0.1 / 1e9, 1)

@@ -242,6 +242,9 @@ def test_half_precision_checkpoints_convert_to_the_float32_models_of_their_value
         load_checkpoint(FIXTURE / "taming_tiny.ckpt")["state_dict"]["encoder.conv_in.weight"].dtype
         == torch.half
     )
+    convert(ConvertConfig(source="taming", checkpoint=str(FIXTURE / "taming_tiny.ckpt"),
+                          config=str(FIXTURE / "taming_tiny.yaml"), out=str(tmp_path / "tok")))  # fmt: skip
+    assert {p.dtype for p in Tokenizer.from_pretrained(tmp_path / "tok").parameters()} == {torch.float32}
     sd = load_file(ENH / "enhancing_tiny.safetensors")
     config = yaml.safe_load((ENH / "enhancing_tiny.yaml").read_text())
     cfg = enhancing.tokenizer_config(config, sd, "x")

@@ -494,6 +494,14 @@ def test_split_products_keep_the_input_shape(split_tiny, shape):
         assert linear.Linear(8, 24)(x).shape == (*shape[:-1], 24)
 
 
+def test_split_products_refuse_a_wrong_input_width_as_f_linear_does(split_tiny):
+    layer = linear.Linear(8, 24)
+    with torch.no_grad():
+        for shape in ((1, 9), (2, 4), (4, 2), (1, 1, 16)):  # element counts a width-8 input could have
+            with pytest.raises(RuntimeError):
+                layer(torch.randn(shape))
+
+
 def test_split_products_read_any_input_layout(split_tiny):
     """Inputs that are not contiguous, or start inside their storage, give F.linear's values (the contiguous
     operand is a strided view of the input's own memory)."""

@@ -291,7 +291,8 @@ class Transformer(nn.Module):
             x: input tokens.
             return_blocks: 0-based block indices whose outputs are also returned (for linear probes).
             caches: one `KVCache` per block (causal Transformers): x holds the N positions after the cached
-                ones, and their keys and values are appended.
+                ones, and their keys and values are appended. For inference: the caches and the residual
+                stream are written in place, so no gradient can be taken through cached decoding.
         """
         if caches is not None and len(caches) != len(self.blocks):
             raise InputError(f"need one KV cache per block ({len(self.blocks)}), got {len(caches)}")
