@@ -514,6 +514,8 @@ def test_split_products_read_any_input_layout(split_tiny):
             base[1:2, 2],
             base.transpose(0, 1)[1],
             base[:, :, ::2].repeat(1, 1, 2)[0],
+            torch.randn(8, 2)[:, 0][None],  # one row, its elements 2 apart
+            torch.randn(8, 2)[:, 0][None, None],
         ):
             assert _split_used(layer, x)
             assert layer(x).shape == (*x.shape[:-1], 24)

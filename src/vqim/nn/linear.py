@@ -3,9 +3,9 @@
 Decoding one token feeds one row per sequence through every linear layer. On CPU, PyTorch runs a one-row
 `F.linear` as a single-threaded GEMV that streams the weight at one core's memory bandwidth, and a few-row
 `F.linear` repacks the weight on every call. The same product computed as one batched GEMM over S row blocks of
-the weight, (S, out/S, in) · (in, rows), keeps every thread streaming its own block of the weight
-(`benchmarks/sampling_speed.py`: about 3× faster per decode step at batch 1, 1.3× at batch 8). The sums are
-the same; only their rounding order differs.
+the weight (block k: (out/S, in) · (in, 1) for one row, (rows, in) · (in, out/S) for several) keeps every
+thread streaming its own block of the weight (`benchmarks/sampling_speed.py`: about 3× faster per decode
+step at batch 1, 1.3× at batch 8). The sums are the same; only their rounding order differs.
 
 `Linear` takes that path by itself when its input has at most `SPLIT_MAX_ROWS` rows, no gradient is being
 recorded, and the weight is fp32 on the CPU with at least `SPLIT_MIN_WEIGHT` elements; everything else (training, encoding, prefill over many
@@ -59,9 +59,9 @@ class Linear(nn.Linear):
     """
 
     # None: not looked at yet; False: this weight never takes the split product (fewer than SPLIT_MIN_WEIGHT
-    # elements, not fp32 on the CPU, or no block count divides its rows); else (weight Parameter, weight blocks,
-    # bias blocks, max input numel, the weight's data pointer when the views were made, in_features,
-    # out_features, block count).
+    # elements, not fp32 on the CPU, or no block count divides its rows); else (weight Parameter, weight blocks
+    # and bias blocks for one row, the same transposed for several rows, max input numel, the weight's data
+    # pointer when the views were made, in_features, out_features, block count).
     _blocks: tuple | bool | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,7 +69,7 @@ class Linear(nn.Linear):
         if blocks is None:
             blocks = self._blocks = self._make_blocks()
         if blocks is not False and _enabled and not torch.is_grad_enabled():
-            w, ws, bs, most, ptr, d_in, out, s = blocks
+            w, ws, bs, wt, bt, most, ptr, d_in, out, s = blocks
             n = x.numel()
             if n <= most and x.shape[-1] == d_in:  # (a wrong width goes to F.linear, which says so)
                 if self._parameters["weight"] is not w or w.data_ptr() != ptr:  # replaced since: new views
@@ -77,24 +77,35 @@ class Linear(nn.Linear):
                     return self.forward(x)
                 # Inline rather than a helper function: each Python frame and each tensor-view call costs about
                 # a microsecond here, and a decode step makes some 30 of these products.
-                rows = n // d_in
-                if x.is_contiguous():
-                    # x's rows as the columns of one (in, rows) operand with strides (1, in), the same for every
-                    # block (stride 0): one view. MKL takes a transposed operand and runs the batched GEMM path;
-                    # the same column made contiguous (strides (1, 1)) is 5× slower.
-                    xt = x.as_strided((s, d_in, rows), (0, 1, d_in))
-                else:
-                    xt = x.reshape(rows, d_in).t().expand(s, -1, -1)
-                y = torch.bmm(ws, xt) if bs is None else torch.baddbmm(bs, ws, xt)  # (S, out/S, rows)
                 nd = x.dim()
-                if rows == 1:  # (S, out/S, 1) holds the row's outputs in order: a view
+                if n == d_in:
+                    # One row: block k is (out/S, in) · (in, 1). The row as an (in, 1) operand with strides
+                    # (1, in), the same for every block (stride 0): one view. MKL takes it as a transposed operand
+                    # and runs the batched GEMM path (the same column made contiguous is 5× slower).
+                    xt = (
+                        x.as_strided((s, d_in, 1), (0, 1, d_in))
+                        if x.is_contiguous()
+                        else x.reshape(1, d_in).t().expand(s, -1, -1)
+                    )
+                    y = torch.bmm(ws, xt) if bs is None else torch.baddbmm(bs, ws, xt)  # (S, out/S, 1)
+                    # (S, out/S, 1) holds the row's outputs in order: a view
                     if nd == 3:
                         return y.view(1, 1, out)
                     return y.view(1, out) if nd == 2 else y.view(x.shape[:-1] + (out,))
-                # (S, out/S, rows) → (rows, S, out/S): a copy. The decode step's (B, 1, D) and (B, D) inputs get
+                # Several rows: block k is (rows, in) · (in, out/S), the weight block read as a transposed
+                # operand. With the operands the other way round, as for one row, a decode step took 1.3× as long
+                # at batch 8; with these, one row took 1.6× as long (benchmarks/decode_ab.py: weights streamed
+                # from memory, unlike a product timed alone, whose weight stays in cache).
+                rows = n // d_in
+                if x.is_contiguous():
+                    xs = x.as_strided((s, rows, d_in), (0, d_in, 1))
+                else:
+                    xs = x.reshape(rows, d_in).expand(s, -1, -1)
+                y = torch.bmm(xs, wt) if bt is None else torch.baddbmm(bt, xs, wt)  # (S, rows, out/S)
+                # (S, rows, out/S) → (rows, S, out/S): a copy. The decode step's (B, 1, D) and (B, D) inputs get
                 # the shape from ints: building it as x.shape[:-1] + (out,) made a whole decode step measurably
                 # slower (benchmarks/decode_ab.py).
-                y = y.permute(2, 0, 1)
+                y = y.transpose(0, 1)
                 if nd == 3:
                     return y.reshape(x.shape[0], x.shape[1], out)
                 return y.reshape(rows, out) if nd == 2 else y.reshape(x.shape[:-1] + (out,))
@@ -107,10 +118,12 @@ class Linear(nn.Linear):
         if not s or not eligible or not w.is_contiguous():
             return False
         with torch.no_grad():
-            ws = w.detach().view(s, self.out_features // s, self.in_features)
+            ws = w.detach().view(s, self.out_features // s, self.in_features)  # (S, out/S, in): one row
             bs = None if b is None else b.detach().view(s, -1, 1)
+            wt = ws.transpose(1, 2)  # (S, in, out/S): several rows
+            bt = None if b is None else b.detach().view(s, 1, -1)
         most = SPLIT_MAX_ROWS * self.in_features
-        return (w, ws, bs, most, w.data_ptr(), self.in_features, self.out_features, s)
+        return (w, ws, bs, wt, bt, most, w.data_ptr(), self.in_features, self.out_features, s)
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's signature)
         self._blocks = None  # after .to() / .half() / .cuda(), look again whether the weight qualifies
