@@ -123,8 +123,10 @@ class Attention(nn.Module):
             q, k, v = m["qkv"].forward(x).view(b, 3, self.heads, 1, self.head_dim).unbind(1)
             k, v = cache.append(k, v)
             return m["proj"].forward(F.scaled_dot_product_attention(q, k, v).reshape(b, 1, -1))
-        qkv = self.qkv(x).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, H, N, hd)
+        # Each (B, H, N, hd), strided views of the qkv output. Unbinding the (B, N, 3, H, hd) view and transposing
+        # each, rather than unbinding a permuted (3, B, H, N, hd) view, lets the backward pass stack the three
+        # gradients straight into the qkv output's layout (one copy instead of two).
+        q, k, v = (t.transpose(1, 2) for t in self.qkv(x).view(b, n, 3, self.heads, self.head_dim).unbind(2))
         drop = self.dropout if self.training else 0.0
         causal, mask = self.causal, None
         if cache is not None:
