@@ -5,7 +5,9 @@ work changes speed from minute to minute. So each benchmark measures, in the sam
 and right after its workload:
 
 - sgemm: GFLOP/s of one matrix product, at 2048×2048×2048 and at a shape the workload itself runs
-  (its largest product), in the workload's dtype;
+  (its largest product), in the workload's dtype, through each library this PyTorch build offers for it
+  (`torch.mm`; on x86-64 CPUs also oneDNN, which vqim's linear layers use, and which runs fp32 products
+  faster than `torch.mm`'s MKL on AMD CPUs): the limit is the fastest of them;
 - memory read bandwidth: GB/s of summing a 256 MiB tensor (one read of every byte).
 
 Shares of the limit (MFU, roofline share) use the larger of the two measurements, so a slow moment while
@@ -22,6 +24,8 @@ from collections.abc import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, bmm_flop, sdpa_backward_flop_count, sdpa_flop_count
+
+from vqim.nn import linear
 
 SQUARE = 2048  # sgemm size reported as the machine's matmul speed
 
@@ -65,28 +69,52 @@ def seconds_per_call(fn: Callable[[], object], device: str, reps: int = 5, min_s
     return statistics.median(timed(repeat(calls), reps, device)) / calls
 
 
+def products(a: torch.Tensor, b: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """a @ b through each library this build offers for it: `torch.mm`, and on x86-64 CPUs in fp32 oneDNN
+    (the product of vqim's linear layers: a times the transpose of a contiguous (n, k) weight)."""
+    fns: dict[str, Callable[[], object]] = {"torch.mm": lambda: a @ b}
+    if a.device.type == "cpu" and a.dtype == torch.float32 and linear._onednn:
+        bt = b.t().contiguous()
+        fns["onednn"] = lambda: linear._onednn_product(a, bt, None)
+    return fns
+
+
+def matmul_gflops_by_library(
+    device: str, m: int = SQUARE, k: int = SQUARE, n: int = SQUARE, dtype=torch.float32, reps: int = 5
+) -> dict[str, float]:
+    """GFLOP/s of an (m, k) @ (k, n) product through each library of `products` (median of `reps` samples)."""
+    a = torch.randn(m, k, device=device, dtype=dtype)
+    b = torch.randn(k, n, device=device, dtype=dtype)
+    return {
+        name: round(2 * m * k * n / seconds_per_call(fn, device, reps) / 1e9, 1)
+        for name, fn in products(a, b).items()
+    }
+
+
 def matmul_gflops(
     device: str, m: int = SQUARE, k: int = SQUARE, n: int = SQUARE, dtype=torch.float32, reps: int = 5
 ) -> float:
-    """GFLOP/s of an (m, k) @ (k, n) product (median of `reps` samples)."""
-    a = torch.randn(m, k, device=device, dtype=dtype)
-    b = torch.randn(k, n, device=device, dtype=dtype)
-    return 2 * m * k * n / seconds_per_call(lambda: a @ b, device, reps) / 1e9
+    """GFLOP/s of an (m, k) @ (k, n) product through the fastest library of `products`."""
+    return max(matmul_gflops_by_library(device, m, k, n, dtype, reps).values())
 
 
 def paired_mfu(
     fn: Callable[[], object], flops: float, repeats: int, device: str, sgemm_calls: int = 3
 ) -> dict:
     """MFU on a machine whose speed drifts within a run: each of `repeats` timed calls of fn follows an sgemm
-    sample (`sgemm_calls` back-to-back square fp32 products) taken just before it, and the ratio of the call's
-    FLOP/s (`flops` per call) to that sample is computed per pair. Returns the ratios' median and quartiles and
-    the sgemm samples' median, min and max."""
+    sample (`sgemm_calls` back-to-back square fp32 products through each library of `products`, the fastest
+    counting) taken just before it, and the ratio of the call's FLOP/s (`flops` per call) to that sample is
+    computed per pair. Returns the ratios' median and quartiles and the sgemm samples' median, min and max."""
     a = torch.randn(SQUARE, SQUARE, device=device)
     b = torch.randn(SQUARE, SQUARE, device=device)
-    a @ b
+    fns = list(products(a, b).values())
+    for f in fns:
+        f()
     ratios, sgemm, seconds = [], [], []
     for _ in range(repeats):
-        t_mm = timed(lambda: [a @ b for _ in range(sgemm_calls)], 1, device)[0] / sgemm_calls
+        t_mm = (
+            min(timed(lambda f=f: [f() for _ in range(sgemm_calls)], 1, device)[0] for f in fns) / sgemm_calls
+        )
         seconds.append(timed(fn, 1, device)[0])
         sgemm.append(2 * SQUARE**3 / t_mm / 1e9)
         ratios.append(flops / seconds[-1] / 1e9 / sgemm[-1])
@@ -104,12 +132,18 @@ def memory_read_gb_per_s(device: str, mbytes: int = 256, reps: int = 5) -> float
 
 def measure_limits(device: str, dtype=torch.float32, shape: tuple[int, int, int] | None = None) -> dict:
     """sgemm GFLOP/s (square, and at `shape` = (m, k, n) when given) and memory read GB/s, measured now."""
+    by_lib = matmul_gflops_by_library(device, dtype=dtype)
     out = {
-        "sgemm_gflops": round(matmul_gflops(device, dtype=dtype), 1),
+        "sgemm_gflops": max(by_lib.values()),
         "memory_read_gb_per_s": round(memory_read_gb_per_s(device), 2),
     }
     if shape is not None:
-        out["sgemm_gflops_at_workload_shape"] = round(matmul_gflops(device, *shape, dtype=dtype), 1)
+        at_shape = matmul_gflops_by_library(device, *shape, dtype=dtype)
+        out["sgemm_gflops_at_workload_shape"] = max(at_shape.values())
+    # Each library's own figures, beside the limits above (the fastest of them)
+    out["sgemm_gflops_by_library"] = by_lib
+    if shape is not None:
+        out["sgemm_gflops_at_workload_shape_by_library"] = at_shape
     return out
 
 
@@ -121,7 +155,8 @@ def describe(device: str, dtype=torch.float32, shape: tuple[int, int, int] | Non
         "logical_cpus": os.cpu_count(),
         "cpu": _cpu_name(),
         "device": device,
-        "sgemm": f"{str(dtype).removeprefix('torch.')} {SQUARE}x{SQUARE}x{SQUARE} matmul, median of 5 samples",
+        "sgemm": f"{str(dtype).removeprefix('torch.')} {SQUARE}x{SQUARE}x{SQUARE} matmul, median of 5 samples, "
+        "the fastest of the libraries listed",
         "memory_read": "sum of a 256 MiB fp32 tensor, median of 5 samples",
         "limits_used": "the larger of the measurements before and after the workload",
     }
@@ -162,12 +197,17 @@ class Limits:
     def __getitem__(self, key: str) -> float:
         return max(self.before[key], self.after.get(key, self.before[key]))
 
+    def by_library(self, key: str = "sgemm_gflops_by_library") -> dict[str, float]:
+        """Each library's sgemm figure, the larger of before and after."""
+        after = self.after.get(key, {})
+        return {lib: max(v, after.get(lib, v)) for lib, v in self.before[key].items()}
+
     def report(self) -> dict:
         return {
             "measured_with": describe(self.device, self.dtype, self.shape),
             "before": self.before,
             "after": self.after,
-            "limits": {k: self[k] for k in self.before},
+            "limits": {k: self[k] for k, v in self.before.items() if not isinstance(v, dict)},
         }
 
 
@@ -189,9 +229,20 @@ def _sdpa_backward_model_flop(
     return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape) - recomputed_scores
 
 
+# vqim's linear layers run oneDNN's product on x86-64 CPUs (vqim.nn.linear), an operator FlopCounterMode does not
+# know: input (..., k) times the transpose of an (n, k) weight, 2·k·n FLOPs per input row (the bias added inside).
+def _onednn_linear_flop(input_shape, weight_shape, *args, out_shape=None, **kw) -> int:
+    rows = 1
+    for d in input_shape[:-1]:
+        rows *= d
+    return 2 * rows * weight_shape[1] * weight_shape[0]
+
+
 def _custom_flops() -> dict:
     aten = torch.ops.aten
     out = {}
+    if linear._onednn:
+        out[torch.ops.mkldnn._linear_pointwise] = _onednn_linear_flop
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
         out[aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_sdpa_flop
     for name in ("_scaled_dot_product_flash_attention_for_cpu_backward", "_scaled_dot_product_flash_attention_backward",

@@ -13,7 +13,9 @@ attention, forward + backward; model FLOPs: a fused kernel's recomputation is no
 imply; and MFU = that FLOP/s ÷ the sgemm speed measured in the same run (benchmarks/machine.py: before and after
 the workload, the larger of the two), beside the share of sgemm at the model's own largest product shape. On
 CPU, `train_mfu_paired` times --repeats more training steps, each right after an sgemm sample, and gives the
-per-pair MFU's median and quartiles: the figure to quote on a machine whose speed moves within a run.
+per-pair MFU's median and quartiles: the figure to quote on a machine whose speed moves within a run; and
+`train_step_time_onednn_over_plain_linear` times --repeats pairs of steps with the linear layers on oneDNN
+(vqim's default on x86-64 CPUs, vqim.nn.linear) and on plain F.linear (MKL), and gives the time ratio.
 
 --gan stylegan|patchgan times the full adversarial step as `vqim train-tokenizer` runs it: the generator step
 (reconstruction + GAN term through the discriminator, backward, Adam) and then the discriminator step on real
@@ -68,6 +70,32 @@ def measure(fn, n_items: int, repeats: int, warmup: int, device: str) -> dict:
     for _ in range(warmup):
         fn(next(i))
     return stats([n_items / t for t in timed(lambda: fn(next(i)), repeats, device)])
+
+
+def linear_paths_ab(train_step, steps, pairs: int) -> dict:
+    """Time ratio of a training step whose linear layers take oneDNN's product (vqim.nn.linear, the default on
+    x86-64 CPUs) to one whose layers all run plain `F.linear` (MKL), in `pairs` pairs of back-to-back steps
+    (the order alternating), after one untimed step of each: median and quartiles of the per-pair ratios."""
+    import contextlib
+    import statistics
+
+    from vqim.nn.linear import plain_products
+
+    def run(plain: bool) -> float:
+        with plain_products() if plain else contextlib.nullcontext():
+            return timed(lambda: train_step(next(steps)), 1, "cpu")[0]
+
+    run(True), run(False)
+    ratios, times = [], {True: [], False: []}
+    for i in range(pairs):
+        t = {plain: run(plain) for plain in ((True, False) if i % 2 else (False, True))}
+        for plain, v in t.items():
+            times[plain].append(v)
+        ratios.append(t[False] / t[True])
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return {"median": round(statistics.median(ratios), 3), "q1": round(q[0], 3), "q3": round(q[2], 3),
+            "seconds_per_step": {"onednn": stats(times[False], 3), "plain": stats(times[True], 3)},
+            "pairs": pairs}  # fmt: skip
 
 
 def run_arch(args, arch: str) -> dict:
@@ -134,6 +162,9 @@ def run_arch(args, arch: str) -> dict:
         if dev == "cpu"
         else None
     )
+    linear_ab = (
+        linear_paths_ab(train_step, steps, args.repeats) if dev == "cpu" and not args.compile else None
+    )
     tok.eval()
     enc_flops = count_flops(encode)
     enc = measure(encode, args.encode_batch, args.repeats, args.warmup, dev)
@@ -149,6 +180,9 @@ def run_arch(args, arch: str) -> dict:
         # Each of --repeats further training steps right after an sgemm sample, MFU per pair (machine.paired_mfu):
         # on a shared machine whose speed moves within a run, steadier than the median rate over sgemm's best.
         "train_mfu_paired": paired,
+        # Training step with the linear layers' oneDNN product against plain F.linear (MKL), alternating
+        # (linear_paths_ab); None where it does not apply (GPU, compiled).
+        "train_step_time_onednn_over_plain_linear": linear_ab,
         "flops": {
             "train_per_image": round(flops_per_step / args.train_batch),
             "encode_per_image": round(enc_flops["total"] / args.encode_batch),
@@ -169,6 +203,10 @@ def utilisation(run: dict, limits: Limits, shape_is_its_own: bool) -> dict:
         gflops = run[f"{kind}_images_per_s"]["median"] * run["flops"][f"{kind}_per_image"] / 1e9
         out["achieved_gflops"][kind] = round(gflops, 1)
         out["mfu"][kind] = round(gflops / limits["sgemm_gflops"], 3)
+        # The same FLOP/s over each library's own sgemm (the MFU above uses the fastest)
+        out.setdefault("mfu_against_each_library", {})[kind] = {
+            lib: round(gflops / v, 3) for lib, v in limits.by_library().items()
+        }
         if shape_is_its_own:
             out.setdefault("share_of_workload_shape_sgemm", {})[kind] = round(
                 gflops / limits["sgemm_gflops_at_workload_shape"], 3

@@ -39,10 +39,47 @@ def test_paired_mfu_divides_each_call_by_the_sgemm_sample_before_it(monkeypatch)
     import machine
 
     monkeypatch.setattr(machine, "SQUARE", 8)  # the products really run; only their timing is simulated
-    durations = iter([3 * 0.1, 0.1, 3 * 0.5, 0.5])  # pair 1: fast machine, pair 2: five times slower
+    libraries = len(machine.products(torch.ones(1, 1), torch.ones(1, 1)))
+    # Before each call one sample per library, the last the fastest: pair 1 fast machine, pair 2 five times slower
+    slower = [3 * 0.2] * (libraries - 1), [3 * 1.0] * (libraries - 1)
+    durations = iter([*slower[0], 3 * 0.1, 0.1, *slower[1], 3 * 0.5, 0.5])
     monkeypatch.setattr(machine, "timed", lambda fn, repeats, device: [fn(), next(durations)][1:])
     flops = 2 * machine.SQUARE**3
     out = machine.paired_mfu(lambda: None, flops, repeats=2, device="cpu", sgemm_calls=3)
     assert out["median"] == out["q1"] == out["q3"] == 1.0
     assert out["seconds_per_call"] == {"median": 0.3, "min": 0.1, "max": 0.5}
     assert out["sgemm_gflops_before_each_call"]["max"] == round(flops / 0.1 / 1e9, 1)
+
+
+def test_the_machines_sgemm_is_the_fastest_library_and_onednn_is_one_on_x86():
+    """vqim's linear layers run oneDNN's product on x86-64 CPUs, so the limit a share is taken of must count
+    it: the square sgemm is the largest of the libraries' figures, and oneDNN is among them there."""
+    import machine
+    from vqim.nn import linear
+
+    limits = machine.measure_limits("cpu", shape=(64, 32, 48))
+    by_lib = limits["sgemm_gflops_by_library"]
+    assert limits["sgemm_gflops"] == max(by_lib.values())
+    assert limits["sgemm_gflops_at_workload_shape"] == max(
+        limits["sgemm_gflops_at_workload_shape_by_library"].values()
+    )
+    assert ("onednn" in by_lib) == linear._onednn
+    a, b = torch.randn(5, 7), torch.randn(7, 3)
+    for f in machine.products(a, b).values():
+        torch.testing.assert_close(f(), a @ b)
+
+
+def test_linear_layers_count_the_same_flops_on_either_product():
+    """The FLOP count of a training step does not depend on which library runs the linear layers."""
+    from vqim.nn import linear
+
+    layer = linear.Linear(24, 40)
+    x = torch.randn(3, linear.ONEDNN_MIN_ROWS, 24, requires_grad=True)
+
+    def step():
+        layer(x).square().sum().backward()
+
+    with linear.plain_products():
+        plain = count_flops(step)["total"]
+    assert plain == 3 * 2 * 3 * linear.ONEDNN_MIN_ROWS * 24 * 40  # forward, input and weight gradients
+    assert count_flops(step)["total"] == plain

@@ -19,6 +19,7 @@ from torch import nn
 
 from vqim.errors import InputError
 from vqim.losses import vq_loss
+from vqim.nn.linear import Linear
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +107,8 @@ class VectorQuantizer(nn.Module):
         self.l2_norm = l2_norm
         self.beta = beta
         self.dead_code_window = dead_code_window
-        self.project_in = nn.Linear(in_dim, lookup_dim) if project or lookup_dim != in_dim else nn.Identity()
-        self.project_out = (
-            nn.Linear(lookup_dim, out_dim) if project or lookup_dim != out_dim else nn.Identity()
-        )
+        self.project_in = Linear(in_dim, lookup_dim) if project or lookup_dim != in_dim else nn.Identity()
+        self.project_out = Linear(lookup_dim, out_dim) if project or lookup_dim != out_dim else nn.Identity()
         # Codes drawn from a standard normal, as the paper initialises them (docs/papers.md).
         self.codebook = nn.Parameter(torch.randn(codebook_size, lookup_dim))
         # Training-only state, kept out of model.safetensors; the trainer saves it in its training state.

@@ -20,6 +20,7 @@ from vqim.checkpoint import PretrainedMixin
 from vqim.config import TokenizerConfig, get_tokenizer_config
 from vqim.errors import InputError
 from vqim.nn import conv
+from vqim.nn.linear import Linear
 from vqim.nn.transformer import Transformer, init_weights, sincos_2d
 from vqim.quantize import VectorQuantizer
 
@@ -73,7 +74,7 @@ class PositionEmbedding(nn.Module):
 
 def tanh_head(dim: int, hidden: int, out: int) -> nn.Sequential:
     """The paper's output head: two-layer feed-forward with tanh in the middle."""
-    return nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, out))
+    return nn.Sequential(Linear(dim, hidden), nn.Tanh(), Linear(hidden, out))
 
 
 class PixelHead(nn.Module):
@@ -88,7 +89,7 @@ class PixelHead(nn.Module):
 
     def __init__(self, dim: int, patch_size: int, channels: int) -> None:
         super().__init__()
-        self.proj = nn.Linear(dim, patch_size * patch_size * channels, bias=False)
+        self.proj = Linear(dim, patch_size * patch_size * channels, bias=False)
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -112,7 +113,7 @@ class ViTEncoder(nn.Module):
         super().__init__()
         p, d = cfg.patch_size, cfg.enc_dim
         self.patch_size = p
-        self.patch_embed = nn.Linear(p * p * cfg.channels, d)
+        self.patch_embed = Linear(p * p * cfg.channels, d)
         self.pos = PositionEmbedding(cfg.grid_size, d, cfg.pos_embed)
         self.transformer = _transformer(cfg, "enc")
         self.head = tanh_head(d, cfg.enc_mlp_dim, d) if cfg.vit_head == "tanh_mlp" else nn.Identity()

@@ -1,0 +1,137 @@
+"""`vqim.nn.linear.linear`: the oneDNN product for many-row fp32 inputs on x86-64 CPUs, with its backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vqim.nn import linear as L
+
+pytestmark = pytest.mark.skipif(not L._onednn, reason="oneDNN's linear is taken on x86-64 CPU builds only")
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the products that went through oneDNN."""
+    n = [0]
+    real = L._onednn_product
+
+    def counted(*a):
+        n[0] += 1
+        return real(*a)
+
+    monkeypatch.setattr(L, "_onednn_product", counted)
+    return n
+
+
+def _grads(fn, x, w, b, g):
+    x, w = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    b = None if b is None else b.detach().clone().requires_grad_()
+    y = fn(x, w, b)
+    y.backward(g)
+    return y.detach(), x.grad, w.grad, None if b is None else b.grad
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(300, 48), (2, 150, 48), (3, 2, 40, 48)])
+def test_forward_and_gradients_match_f_linear(shape, bias, calls):
+    torch.manual_seed(0)
+    x, w = torch.randn(shape), torch.randn(24, 48)
+    b = torch.randn(24) if bias else None
+    g = torch.randn(*shape[:-1], 24)
+    got = _grads(L.linear, x, w, b, g)
+    assert calls[0] == 2  # the forward product and the input gradient's
+    want = _grads(F.linear, x, w, b, g)
+    for a, e in zip(got, want, strict=True):
+        if e is None:
+            assert a is None
+        else:
+            assert a.shape == e.shape
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+def test_non_contiguous_input(calls):
+    torch.manual_seed(0)
+    x = torch.randn(48, 256).t()  # (256, 48), column-major
+    w, b = torch.randn(32, 48), torch.randn(32)
+    torch.testing.assert_close(L.linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    assert calls[0] == 1
+
+
+def test_second_derivative_matches_f_linear():
+    """A gradient penalty differentiates through the backward (R1 does): the same second derivative."""
+    torch.manual_seed(0)
+    w, b = torch.randn(16, 32, requires_grad=True), torch.randn(16, requires_grad=True)
+    x = torch.randn(200, 32)
+
+    def penalty(fn):
+        xi = x.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(fn(xi, w, b).tanh().sum(), xi, create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), (w, b))
+
+    for a, e in zip(penalty(L.linear), penalty(F.linear), strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
+
+
+def test_frozen_weight_gets_no_gradient(calls):
+    w = torch.randn(8, 16)  # no requires_grad
+    x = torch.randn(128, 16, requires_grad=True)
+    L.linear(x, w).sum().backward()
+    assert w.grad is None and x.grad is not None and calls[0] == 2
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["few rows", "fp64", "bf16 autocast", "plain_products", "width mismatch"],
+)
+def test_other_inputs_take_f_linear(case, calls):
+    w, b = torch.randn(8, 16), torch.randn(8)
+    x = torch.randn(L.ONEDNN_MIN_ROWS, 16)
+    if case == "few rows":
+        L.linear(x[: L.ONEDNN_MIN_ROWS - 1], w, b)
+    elif case == "fp64":
+        L.linear(x.double(), w.double(), b.double())
+    elif case == "bf16 autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert L.linear(x, w, b).dtype == torch.bfloat16
+    elif case == "plain_products":
+        with L.plain_products():
+            L.linear(x, w, b)
+    else:
+        with pytest.raises(RuntimeError):  # F.linear's own error, not a product over the wrong width
+            L.linear(torch.randn(L.ONEDNN_MIN_ROWS, 15), w, b)
+    assert calls[0] == 0
+    L.linear(x, w, b)
+    assert calls[0] == 1
+
+
+def test_tokenizer_training_step_matches_plain_products(calls):
+    """Every linear layer of the ViT tokenizer (blocks, heads, patch embedding, quantizer projections) takes the
+    product in training, and the step's loss and gradients are those of F.linear."""
+    from vqim import Tokenizer
+
+    torch.manual_seed(0)
+    tok = Tokenizer.from_preset(
+        "vit-vqgan-ss", image_size=32, patch_size=4, enc_dim=32, dec_dim=32, enc_depth=1, dec_depth=1,
+        enc_heads=2, dec_heads=2, enc_mlp_dim=64, dec_mlp_dim=64, codebook_size=64, lookup_dim=8,
+    )  # fmt: skip
+    x = torch.rand(2, 3, 32, 32)  # 2 × 64 tokens: 128 rows per product
+
+    def step():
+        tok.zero_grad()
+        out = tok(x)
+        out.loss.backward()
+        return out.loss.detach(), {n: p.grad.clone() for n, p in tok.named_parameters() if p.grad is not None}
+
+    loss, grads = step()
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in tok.modules())
+    assert calls[0] >= n_linear  # each layer's forward at least (its input gradient too, but the first's)
+    calls[0] = 0
+    with L.plain_products():
+        loss_plain, grads_plain = step()
+    assert calls[0] == 0
+    torch.testing.assert_close(loss, loss_plain, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == grads_plain.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_plain[name], rtol=1e-3, atol=1e-5, msg=name)
