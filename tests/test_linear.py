@@ -135,3 +135,49 @@ def test_tokenizer_training_step_matches_plain_products(calls):
     assert grads.keys() == grads_plain.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], grads_plain[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "gelu"])
+@pytest.mark.parametrize("grad", [True, False])
+def test_activation_inside_the_product_matches_plain_layers(activation, grad, calls):
+    """tanh runs inside oneDNN's product with or without autograd (its backward needs only its output); GELU
+    only without (its backward needs its input): outputs and gradients as F.linear then the activation."""
+    torch.manual_seed(0)
+    act = {"tanh": torch.tanh, "gelu": F.gelu}[activation]
+    x, w, b = torch.randn(2, 100, 32), torch.randn(48, 32) * 0.3, torch.randn(48)
+    g = torch.randn(2, 100, 48)
+    if grad:
+        got = _grads(lambda *t: L.linear(*t, activation=activation), x, w, b, g)
+        want = _grads(lambda *t: act(F.linear(*t)), x, w, b, g)
+        for a, e in zip(got, want, strict=True):
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+    else:
+        with torch.no_grad():
+            torch.testing.assert_close(
+                L.linear(x, w, b, activation), act(F.linear(x, w, b)), rtol=1e-5, atol=1e-6
+            )
+    assert calls[0] == (2 if grad else 1)
+
+
+def test_tanh_inside_the_product_is_twice_differentiable():
+    """Second derivatives through tanh inside the product, against the plain layers in fp64 (fp32's error
+    grows with the sums' size, so the tolerance is relative to the largest entry)."""
+    torch.manual_seed(0)
+    w, b = torch.randn(16, 32, requires_grad=True), torch.randn(16, requires_grad=True)
+    x = torch.randn(200, 32)
+
+    def penalty(fn, w, b, x):
+        xi = x.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(fn(xi, w, b).sum(), xi, create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), (w, b))
+
+    got = penalty(lambda *t: L.linear(*t, activation="tanh"), w, b, x)
+    w64, b64 = (t.detach().double().requires_grad_() for t in (w, b))
+    want = penalty(lambda *t: torch.tanh(F.linear(*t)), w64, b64, x.double())
+    for a, e in zip(got, want, strict=True):
+        assert (a.double() - e).abs().max() <= 2e-5 * e.abs().max()
+
+
+def test_unknown_activation_is_refused():
+    with pytest.raises(ValueError, match="activation"):
+        L.linear(torch.randn(4, 3), torch.randn(2, 3), activation="relu")

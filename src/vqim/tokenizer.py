@@ -20,7 +20,7 @@ from vqim.checkpoint import PretrainedMixin
 from vqim.config import TokenizerConfig, get_tokenizer_config
 from vqim.errors import InputError
 from vqim.nn import conv
-from vqim.nn.linear import Linear
+from vqim.nn.linear import Linear, linear
 from vqim.nn.transformer import Transformer, init_weights, sincos_2d
 from vqim.quantize import VectorQuantizer
 
@@ -72,9 +72,22 @@ class PositionEmbedding(nn.Module):
         return table.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], d)
 
 
-def tanh_head(dim: int, hidden: int, out: int) -> nn.Sequential:
-    """The paper's output head: two-layer feed-forward with tanh in the middle."""
-    return nn.Sequential(Linear(dim, hidden), nn.Tanh(), Linear(hidden, out))
+class TanhHead(nn.Sequential):
+    """The paper's output head: two-layer feed-forward with tanh in the middle (an `nn.Sequential` of Linear,
+    Tanh, Linear, so its state-dict keys are 0.* and 2.*); the first layer and tanh run as one product where
+    oneDNN takes it (`vqim.nn.linear.linear`)."""
+
+    def __init__(self, dim: int, hidden: int, out: int) -> None:
+        super().__init__(Linear(dim, hidden), nn.Tanh(), Linear(hidden, out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first, last = self[0], self[2]
+        return last(linear(x, first.weight, first.bias, "tanh"))
+
+
+def tanh_head(dim: int, hidden: int, out: int) -> TanhHead:
+    """The paper's output head (`TanhHead`)."""
+    return TanhHead(dim, hidden, out)
 
 
 class PixelHead(nn.Module):

@@ -53,34 +53,50 @@ _onednn = (
 )
 
 
-def _onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+_POST_OPS = {None: ("none", ""), "tanh": ("tanh", ""), "gelu": ("gelu", "none")}  # "none": exact (erf) GELU
+_PLAIN_ACTS = {"tanh": torch.tanh, "gelu": F.gelu}
+
+
+def _onednn_product(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None = None
+) -> torch.Tensor:
+    attr, algorithm = _POST_OPS[activation]
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [], algorithm)
 
 
 class _OneDNNLinear(torch.autograd.Function):
-    """x · weightᵀ + bias through oneDNN, differentiable (twice: the backward is made of differentiable
-    products, so a gradient penalty can differentiate through it)."""
+    """x · weightᵀ + bias through oneDNN, then tanh if asked (inside the same kernel), differentiable (twice:
+    the backward is made of differentiable operations, so a gradient penalty can differentiate through it)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias):  # noqa: ANN001, ANN205 (autograd.Function's signature)
-        ctx.save_for_backward(x, weight)
+    def forward(ctx, x, weight, bias, tanh=False):  # noqa: ANN001, ANN205 (autograd.Function's signature)
+        y = _onednn_product(x, weight, bias, "tanh" if tanh else None)
+        ctx.save_for_backward(x, weight, y if tanh else None)
         ctx.has_bias = bias is not None
-        return _onednn_product(x, weight, bias)
+        return y
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
-        x, weight = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad
+        x, weight, y = ctx.saved_tensors
+        if y is not None:  # through tanh: its derivative from its output, 1 - y²
+            grad = torch.ops.aten.tanh_backward(grad, y)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
         g2 = grad.reshape(-1, grad.shape[-1])
         gx = _OneDNNLinear.apply(grad, weight.t(), None) if need_x else None
         gw = g2.t().mm(x.reshape(-1, x.shape[-1])) if need_w else None
         gb = g2.sum(0) if need_b and ctx.has_bias else None
-        return gx, gw, gb
+        return gx, gw, gb, None
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear`, through oneDNN where that is faster: fp32 plain tensors on an x86-64 CPU, at least
-    `ONEDNN_MIN_ROWS` rows, outside autocast and torch.compile (module docstring)."""
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None
+) -> torch.Tensor:
+    """`F.linear`, then `activation` ("tanh", "gelu" (exact) or None), through oneDNN where that is faster: fp32
+    plain tensors on an x86-64 CPU, at least `ONEDNN_MIN_ROWS` rows, outside autocast and torch.compile (module
+    docstring). The activation runs inside oneDNN's product for tanh, and for GELU when no gradient is
+    recorded (GELU's backward needs its input, which the fused product does not keep)."""
+    if activation not in _POST_OPS:
+        raise ValueError(f"activation must be None, 'tanh' or 'gelu', got {activation!r}")
     if (
         _enabled
         and _onednn
@@ -99,9 +115,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if torch.is_grad_enabled() and (
             x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
         ):
-            return _OneDNNLinear.apply(x, weight, bias)
-        return _onednn_product(x, weight, bias)
-    return F.linear(x, weight, bias)
+            if activation == "gelu":
+                return F.gelu(_OneDNNLinear.apply(x, weight, bias))
+            return _OneDNNLinear.apply(x, weight, bias, activation == "tanh")
+        return _onednn_product(x, weight, bias, activation)
+    y = F.linear(x, weight, bias)
+    return y if activation is None else _PLAIN_ACTS[activation](y)
 
 
 def split_count(out_features: int) -> int:

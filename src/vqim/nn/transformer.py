@@ -19,7 +19,7 @@ from torch import nn
 
 from vqim.errors import InputError
 from vqim.nn.dropout import cheap_masks, dropout
-from vqim.nn.linear import Linear
+from vqim.nn.linear import Linear, linear
 
 
 def _norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -182,6 +182,7 @@ class MLP(nn.Module):
         self.dropout = dropout
         # A plain function in the instance dict: read as fast as the module global F.gelu was.
         self.act = _ACTIVATIONS[activation]
+        self.activation = activation
         self.fc1 = Linear(dim, hidden)
         self.fc2 = Linear(hidden, dim)
 
@@ -190,7 +191,8 @@ class MLP(nn.Module):
         if self.training and self.dropout:
             p = self.dropout
             return dropout(self.fc2(dropout(self.act(self.fc1(x)), p)), p)
-        return self.fc2(self.act(self.fc1(x)))
+        # fc1 and the activation as one product where oneDNN takes it (vqim.nn.linear.linear)
+        return self.fc2(linear(x, self.fc1.weight, self.fc1.bias, self.activation))
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
         """`forward` for the cached decode step: the layers' forward called directly, read from _modules (see
