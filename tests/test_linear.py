@@ -77,8 +77,10 @@ def test_second_derivative_matches_f_linear():
 def test_frozen_weight_gets_no_gradient(calls):
     w = torch.randn(8, 16)  # no requires_grad
     x = torch.randn(128, 16, requires_grad=True)
-    L.linear(x, w).sum().backward()
-    assert w.grad is None and x.grad is not None and calls[0] == 2
+    g = torch.randn(128, 8)
+    L.linear(x, w).backward(g)
+    assert w.grad is None and calls[0] == 2
+    torch.testing.assert_close(x.grad, g @ w, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -124,9 +126,20 @@ def test_tokenizer_training_step_matches_plain_products(calls):
         out.loss.backward()
         return out.loss.detach(), {n: p.grad.clone() for n, p in tok.named_parameters() if p.grad is not None}
 
-    loss, grads = step()
-    n_linear = sum(isinstance(m, torch.nn.Linear) for m in tok.modules())
-    assert calls[0] >= n_linear  # each layer's forward at least (its input gradient too, but the first's)
+    seen = set()
+    real = L._onednn_product
+
+    def recorded(x, weight, bias, activation=None):
+        seen.add(weight.data_ptr())
+        return real(x, weight, bias, activation)
+
+    L._onednn_product = recorded
+    try:
+        loss, grads = step()
+    finally:
+        L._onednn_product = real
+    # every linear layer's forward product went through oneDNN
+    assert {m.weight.data_ptr() for m in tok.modules() if isinstance(m, torch.nn.Linear)} <= seen
     calls[0] = 0
     with L.plain_products():
         loss_plain, grads_plain = step()
@@ -181,3 +194,65 @@ def test_tanh_inside_the_product_is_twice_differentiable():
 def test_unknown_activation_is_refused():
     with pytest.raises(ValueError, match="activation"):
         L.linear(torch.randn(4, 3), torch.randn(2, 3), activation="relu")
+
+
+def test_forward_mode_ad_and_torch_func_take_f_linear(calls):
+    """oneDNN's operator has no forward derivative: dual tensors and torch.func transforms go to F.linear."""
+    torch.manual_seed(0)
+    w, b = torch.randn(8, 16), torch.randn(8)
+    x, t = torch.randn(128, 16), torch.randn(128, 16)
+    _, tangent = torch.func.jvp(lambda x: L.linear(x, w, b), (x,), (t,))
+    torch.testing.assert_close(tangent, t @ w.t())
+    grad = torch.func.grad(lambda w: L.linear(x, w, b).square().sum())(w)
+    torch.testing.assert_close(grad, torch.func.grad(lambda w: F.linear(x, w, b).square().sum())(w))
+    import torch.autograd.forward_ad as fwad
+
+    with fwad.dual_level():
+        y = L.linear(fwad.make_dual(x, t), w, b)
+        torch.testing.assert_close(fwad.unpack_dual(y).tangent, t @ w.t())
+    assert calls[0] == 0
+
+
+def test_onednn_switched_off_in_torch_backends(calls):
+    x, w = torch.randn(128, 16), torch.randn(8, 16)
+    torch.backends.mkldnn.enabled = False
+    try:
+        L.linear(x, w)
+    finally:
+        torch.backends.mkldnn.enabled = True
+    assert calls[0] == 0
+    L.linear(x, w)
+    assert calls[0] == 1
+
+
+def test_fused_activation_keeps_hooks_and_wrappers(calls):
+    """MLP and the tanh head fuse fc1's product with the activation by skipping fc1's forward; a hook on the
+    layer (or a layer that is not a plain Linear) keeps the layer's own forward."""
+    from vqim.nn.transformer import MLP
+
+    mlp = MLP(16, 32).eval()
+    x = torch.randn(2, 100, 16)
+    with torch.no_grad():
+        fused = mlp(x)
+        assert calls[0] == 2  # fc1 + GELU in one product, then fc2
+        fired = []
+        handle = mlp.fc1.register_forward_hook(lambda m, i, o: fired.append(o.shape))
+        hooked = mlp(x)
+        handle.remove()
+    assert fired == [(2, 100, 32)]
+    torch.testing.assert_close(hooked, fused, rtol=1e-5, atol=1e-6)
+
+
+def test_tanh_head_slices_and_falls_back_for_other_layouts():
+    from vqim.tokenizer import TanhHead
+
+    head = TanhHead(16, 32, 8)
+    assert [type(m).__name__ for m in head] == ["Linear", "Tanh", "Linear"]
+    assert list(head.state_dict()) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    x = torch.randn(200, 16)
+    torch.testing.assert_close(head(x), head[2](torch.tanh(head[0](x))), rtol=1e-5, atol=1e-6)
+    first = head[:2]  # nn.Sequential slicing rebuilds the class from modules
+    assert isinstance(first, TanhHead) and len(first) == 2
+    torch.testing.assert_close(first(x), torch.tanh(head[0](x)), rtol=1e-5, atol=1e-6)
+    head[1] = torch.nn.ReLU()  # a replaced middle module is used
+    torch.testing.assert_close(head(x), head[2](torch.relu(head[0](x))))

@@ -20,7 +20,7 @@ from vqim.checkpoint import PretrainedMixin
 from vqim.config import TokenizerConfig, get_tokenizer_config
 from vqim.errors import InputError
 from vqim.nn import conv
-from vqim.nn.linear import Linear, linear
+from vqim.nn.linear import Linear
 from vqim.nn.transformer import Transformer, init_weights, sincos_2d
 from vqim.quantize import VectorQuantizer
 
@@ -73,16 +73,21 @@ class PositionEmbedding(nn.Module):
 
 
 class TanhHead(nn.Sequential):
-    """The paper's output head: two-layer feed-forward with tanh in the middle (an `nn.Sequential` of Linear,
-    Tanh, Linear, so its state-dict keys are 0.* and 2.*); the first layer and tanh run as one product where
-    oneDNN takes it (`vqim.nn.linear.linear`)."""
+    """The paper's output head: two-layer feed-forward with tanh in the middle, an `nn.Sequential` of Linear,
+    Tanh, Linear (state-dict keys 0.* and 2.*). Built from (dim, hidden, out), or from modules as
+    `nn.Sequential` is (its slices are). When it holds exactly those three, the first Linear and tanh run as one
+    product where oneDNN takes it (`vqim.nn.linear.Linear.forward_act`)."""
 
-    def __init__(self, dim: int, hidden: int, out: int) -> None:
-        super().__init__(Linear(dim, hidden), nn.Tanh(), Linear(hidden, out))
+    def __init__(self, *args) -> None:  # noqa: ANN002 ((dim, hidden, out) or modules)
+        if len(args) == 3 and all(isinstance(a, int) for a in args):
+            dim, hidden, out = args
+            args = (Linear(dim, hidden), nn.Tanh(), Linear(hidden, out))
+        super().__init__(*args)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        first, last = self[0], self[2]
-        return last(linear(x, first.weight, first.bias, "tanh"))
+        if len(self) == 3 and isinstance(self[0], Linear) and type(self[1]) is nn.Tanh:
+            return self[2](self[0].forward_act(x, "tanh"))
+        return super().forward(x)
 
 
 def tanh_head(dim: int, hidden: int, out: int) -> TanhHead:

@@ -33,6 +33,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd import forward_ad as _forward_ad
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 SPLIT_MAX_ROWS = 32
 """Inputs with more rows than this go through `F.linear`: by then the plain GEMM keeps every thread busy."""
@@ -55,6 +57,10 @@ _onednn = (
 
 _POST_OPS = {None: ("none", ""), "tanh": ("tanh", ""), "gelu": ("gelu", "none")}  # "none": exact (erf) GELU
 _PLAIN_ACTS = {"tanh": torch.tanh, "gelu": F.gelu}
+
+
+def _is_wrapped(t: torch.Tensor) -> bool:  # a torch.func (grad, jvp, vmap) tensor
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
 def _onednn_product(
@@ -88,6 +94,36 @@ class _OneDNNLinear(torch.autograd.Function):
         return gx, gw, gb, None
 
 
+def onednn_takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether `linear` computes x · weightᵀ + bias through oneDNN: plain fp32 CPU tensors (no subclass, no
+    torch.func transform, no forward-mode AD), a 2-D weight, at least `ONEDNN_MIN_ROWS` rows, outside autocast
+    and torch.compile, with oneDNN enabled (`torch.backends.mkldnn`) and `plain_products` off."""
+    return (
+        _enabled
+        and _onednn
+        and x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and weight.dim() == 2
+        and x.dim() >= 2
+        and 0 < x.shape[-1] == weight.shape[-1]
+        and x.numel() >= ONEDNN_MIN_ROWS * x.shape[-1]
+        and type(x) is torch.Tensor
+        and type(weight.data) is torch.Tensor
+        and (
+            bias is None
+            or (bias.dtype == torch.float32 and type(bias.data) is torch.Tensor and bias.dim() == 1)
+        )
+        and weight.device.type == "cpu"
+        and torch._C._get_mkldnn_enabled()
+        and _forward_ad._current_level < 0
+        and not _is_wrapped(x)
+        and not _is_wrapped(weight)
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+    )
+
+
 def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None
 ) -> torch.Tensor:
@@ -97,21 +133,7 @@ def linear(
     recorded (GELU's backward needs its input, which the fused product does not keep)."""
     if activation not in _POST_OPS:
         raise ValueError(f"activation must be None, 'tanh' or 'gelu', got {activation!r}")
-    if (
-        _enabled
-        and _onednn
-        and x.dtype == torch.float32
-        and x.device.type == "cpu"
-        and weight.dtype == torch.float32
-        and x.dim() >= 2
-        and x.numel() >= ONEDNN_MIN_ROWS * x.shape[-1]
-        and x.shape[-1] == weight.shape[-1]
-        and type(x) is torch.Tensor
-        and type(weight.data) is torch.Tensor
-        and (bias is None or bias.dtype == torch.float32)
-        and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
-    ):
+    if onednn_takes(x, weight, bias):
         if torch.is_grad_enabled() and (
             x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
         ):
@@ -202,6 +224,22 @@ class Linear(nn.Linear):
                     return y.reshape(x.shape[0], x.shape[1], out)
                 return y.reshape(rows, out) if nd == 2 else y.reshape(x.shape[:-1] + (out,))
         return linear(x, self.weight, self.bias)
+
+    def forward_act(self, x: torch.Tensor, activation: str) -> torch.Tensor:
+        """activation(self(x)) for "tanh" or "gelu", with the activation inside oneDNN's product where `linear`
+        fuses it. The fused call skips `forward`, so it is taken only for a plain `Linear` with no forward
+        hooks of its own or global ones (pruning, the old weight_norm, LoRA-style wrappers and hooks go through
+        `forward`) and an input oneDNN takes."""
+        if (
+            type(self) is Linear
+            and not self._forward_hooks
+            and not self._forward_pre_hooks
+            and not _global_forward_hooks
+            and not _global_forward_pre_hooks
+            and onednn_takes(x, self.weight, self.bias)
+        ):
+            return linear(x, self.weight, self.bias, activation)
+        return _PLAIN_ACTS[activation](self(x))
 
     def _make_blocks(self) -> tuple | bool:
         w, b = self.weight, self.bias

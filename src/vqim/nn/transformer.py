@@ -19,7 +19,7 @@ from torch import nn
 
 from vqim.errors import InputError
 from vqim.nn.dropout import cheap_masks, dropout
-from vqim.nn.linear import Linear, linear
+from vqim.nn.linear import Linear
 
 
 def _norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -191,8 +191,8 @@ class MLP(nn.Module):
         if self.training and self.dropout:
             p = self.dropout
             return dropout(self.fc2(dropout(self.act(self.fc1(x)), p)), p)
-        # fc1 and the activation as one product where oneDNN takes it (vqim.nn.linear.linear)
-        return self.fc2(linear(x, self.fc1.weight, self.fc1.bias, self.activation))
+        # fc1 and the activation as one product where oneDNN takes it (vqim.nn.linear.Linear.forward_act)
+        return self.fc2(self.fc1.forward_act(x, self.activation))
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
         """`forward` for the cached decode step: the layers' forward called directly, read from _modules (see
