@@ -20,6 +20,9 @@ Rows, each timed in the same run (tokens/s, MFU and peak memory of the step):
 - `compile` (with --compile): the step's forward/backward through torch.compile (compile time excluded);
 - `torch_dropout`: the plain step with PyTorch's own dropout masks (`vqim.nn.dropout.torch_dropout`), against
   vqim's cheaper CPU masks in every other row; the two are timed in alternating rounds (`dropout_ab`).
+On the CPU (fp32) `linear_ab` times the plain step with the linear layers on oneDNN's product (vqim's default on
+x86-64, `vqim.nn.linear`) against the same step on plain `F.linear` (MKL), in alternating rounds; the MFU is
+against the faster library's sgemm (machine.py), and `mfu_against_each_library` gives it against each.
 As `vqim train-prior` does on the CPU, freed memory is kept for reuse (`vqim.nn.memory`).
 Peak memory of a row's first step above what the model, optimizer and batch hold before it: on CUDA
 `torch.cuda.max_memory_allocated`, on the CPU VmHWM − VmRSS of a fresh process per row. Also printed, computed (not measured): the memory
@@ -40,6 +43,7 @@ import torch
 from machine import Limits, count_flops, stats, timed
 from vqim import Prior, get_prior_config, prior_presets
 from vqim.nn.dropout import torch_dropout
+from vqim.nn.linear import plain_products
 from vqim.nn.memory import retain_freed_memory
 
 
@@ -68,14 +72,14 @@ def build(args: argparse.Namespace):
     amp = torch.autocast(dev.split(":")[0], dtype=torch.bfloat16, enabled=args.bf16)
 
     def make_step(row: str):
-        if row == "torch_dropout":
-            plain = make_step("plain")
+        if row in ("torch_dropout", "plain_linear"):
+            plain, within = make_step("plain"), torch_dropout if row == "torch_dropout" else plain_products
 
-            def with_torch_masks() -> float:
-                with torch_dropout():
+            def in_context() -> float:
+                with within():
                     return plain()
 
-            return with_torch_masks
+            return in_context
         micro = 2 if row == "grad_accum_2" else 1
         prior.transformer.checkpoint_activations = row == "checkpoint_activations"
         loss_fn = torch.compile(prior.loss) if row == "compile" else prior.loss
@@ -195,20 +199,20 @@ def main() -> None:
         rows[name] = {"train_tokens_per_s": stats(r, 1)}
         return r
 
-    def dropout_ab(rounds: int) -> dict:
-        """Tokens/s of the plain step with vqim's and with PyTorch's dropout masks, alternating one step each."""
-        fns = {"vqim": make_step("plain"), "torch": make_step("torch_dropout")}
+    def alternate(rounds: int, a: tuple[str, str], b: tuple[str, str]) -> dict:
+        """Tokens/s of two rows' steps, a = (name, row) and b, alternating one step each (the order alternating
+        too), and the per-round ratio a / b."""
+        fns = {a[0]: make_step(a[1]), b[0]: make_step(b[1])}
         for fn in fns.values():
             fn()
         r: dict[str, list[float]] = {k: [] for k in fns}
-        for _ in range(rounds):
-            for k, fn in fns.items():
-                r[k].append(args.batch * seq / timed(fn, 1, dev)[0])
-        ratios = [a / b for a, b in zip(r["vqim"], r["torch"])]
+        for i in range(rounds):
+            for k in list(fns)[:: 1 if i % 2 == 0 else -1]:
+                r[k].append(args.batch * seq / timed(fns[k], 1, dev)[0])
+        ratios = [x / y for x, y in zip(r[a[0]], r[b[0]])]
         return {
-            "vqim_masks_tokens_per_s": stats(r["vqim"], 1),
-            "torch_masks_tokens_per_s": stats(r["torch"], 1),
-            "ratio_vqim_over_torch": stats(ratios, 3),
+            **{f"{k}_tokens_per_s": stats(v, 1) for k, v in r.items()},
+            f"ratio_{a[0]}_over_{b[0]}": stats(ratios, 3),
             "rounds": rounds,
         }
 
@@ -219,7 +223,17 @@ def main() -> None:
         rates = measure("plain")
         for name in names[1:]:
             measure(name)
-        ab = dropout_ab(args.repeats) if cfg.dropout > 0 else None
+        ab = (
+            alternate(args.repeats, ("vqim_masks", "plain"), ("torch_masks", "torch_dropout"))
+            if cfg.dropout > 0
+            else None
+        )
+        # Linear layers on oneDNN's product (vqim.nn.linear, x86-64 CPUs) against plain F.linear (MKL)
+        linear_ab = (
+            alternate(args.repeats, ("onednn", "plain"), ("f_linear", "plain_linear"))
+            if dev == "cpu" and not args.bf16
+            else None
+        )
     for name in names:  # after the timing: memory runs in child processes on the CPU
         rows[name]["peak_memory_mib"] = round(peak_memory_mib(args, name), 1)
     median = statistics.median(rates)
@@ -259,7 +273,11 @@ def main() -> None:
                     }
                     for k, v in rows.items()
                 },  # fmt: skip
+                "mfu_against_each_library": {
+                    lib: round(achieved / v, 4) for lib, v in limits.by_library().items()
+                },
                 "dropout_ab": ab,
+                "linear_ab": linear_ab,
                 "projected_memory_per_device": {p: projected_memory(p) for p in ("vim-base", "vim-large")},
                 "machine": limits.report(),
             },
