@@ -82,7 +82,8 @@ class TrainConfig:
         max_minutes: stop (with a checkpoint) after this much training time; the lr schedule still follows
             --steps.
         compile: torch.compile the model with this mode (e.g. default, max-autotune-no-cudagraphs); eager if
-            not given.
+            not given. On x86-64 CPUs eager can be faster: compiled graphs run the linear layers on F.linear,
+            not on oneDNN's product (vqim.nn.linear).
         max_nonfinite: stop after this many consecutive steps with a non-finite gradient (checked at logging
             steps).
         grad_accum: micro-batches of --batch-size per optimizer step (gradients summed, DDP synchronised once):
