@@ -15,41 +15,17 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import statistics
 
 import torch
 import torch.nn.functional as F
 
-from machine import Limits, seconds_per_call, stats, timed
+from machine import Limits, linear_paths_ab, seconds_per_call
 from vqim import Tokenizer
 from vqim.nn import linear
 from vqim.nn.memory import retain_freed_memory
 from vqim.prior import Prior
 from vqim.train.common import param_groups
-
-
-def alternate(step, pairs: int) -> dict:
-    """Median and quartiles of the per-pair time ratio oneDNN ÷ F.linear over `pairs` back-to-back pairs
-    (the order alternating), after three untimed pairs."""
-
-    def run(plain: bool) -> float:
-        with linear.plain_products() if plain else contextlib.nullcontext():
-            return timed(step, 1, "cpu")[0]
-
-    for _ in range(3):
-        run(True), run(False)
-    ratios, times = [], {True: [], False: []}
-    for i in range(pairs):
-        t = {plain: run(plain) for plain in ((True, False) if i % 2 else (False, True))}
-        for plain, v in t.items():
-            times[plain].append(v)
-        ratios.append(t[False] / t[True])
-    q = statistics.quantiles(ratios, n=4)
-    return {"time_onednn_over_f_linear": {"median": round(statistics.median(ratios), 3), "q1": round(q[0], 3),
-            "q3": round(q[2], 3)}, "seconds_per_step": {"onednn": stats(times[False], 4),
-            "f_linear": stats(times[True], 4)}, "pairs": pairs}  # fmt: skip
 
 
 def demo_steps(pairs: int) -> dict:
@@ -73,8 +49,8 @@ def demo_steps(pairs: int) -> dict:
         popt.zero_grad(set_to_none=True)
 
     return {
-        "tokenizer vit-vqgan-tiny, batch 16": alternate(tok_step, pairs),
-        "prior vim-tiny, batch 64": alternate(prior_step, pairs),
+        "tokenizer vit-vqgan-tiny, batch 16": linear_paths_ab(tok_step, pairs, warmup_pairs=3),
+        "prior vim-tiny, batch 64": linear_paths_ab(prior_step, pairs, warmup_pairs=3),
     }
 
 

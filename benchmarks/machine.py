@@ -124,6 +124,31 @@ def paired_mfu(
             "pairs": repeats}  # fmt: skip
 
 
+def linear_paths_ab(step: Callable[[], object], pairs: int, warmup_pairs: int = 1) -> dict:
+    """Time ratio of `step` with vqim's linear layers on oneDNN's product (their default on x86-64 CPUs,
+    vqim.nn.linear) to the same step with every layer on plain F.linear (`plain_products`), CPU: `pairs`
+    back-to-back pairs, the order alternating, after `warmup_pairs` untimed pairs. Returns the per-pair ratios'
+    median and quartiles and each path's seconds per step."""
+    import contextlib
+
+    def run(plain: bool) -> float:
+        with linear.plain_products() if plain else contextlib.nullcontext():
+            return timed(step, 1, "cpu")[0]
+
+    for _ in range(warmup_pairs):
+        run(True), run(False)
+    ratios, times = [], {True: [], False: []}
+    for i in range(pairs):
+        t = {plain: run(plain) for plain in ((True, False) if i % 2 else (False, True))}
+        for plain, v in t.items():
+            times[plain].append(v)
+        ratios.append(t[False] / t[True])
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return {"median": round(statistics.median(ratios), 3), "q1": round(q[0], 3), "q3": round(q[2], 3),
+            "seconds_per_step": {"onednn": stats(times[False], 4), "f_linear": stats(times[True], 4)},
+            "pairs": pairs}  # fmt: skip
+
+
 def memory_read_gb_per_s(device: str, mbytes: int = 256, reps: int = 5) -> float:
     """GB/s of reading a `mbytes` MiB fp32 tensor once (its sum; median of `reps` samples)."""
     x = torch.ones(mbytes * 2**20 // 4, device=device)

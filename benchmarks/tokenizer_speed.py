@@ -34,8 +34,9 @@ import json
 
 import torch
 
-from machine import Limits, count_flops, paired_mfu, stats, timed
+from machine import Limits, count_flops, linear_paths_ab, paired_mfu, stats, timed
 from vqim import Tokenizer
+from vqim.nn import linear
 from vqim.nn.memory import retain_freed_memory
 from vqim.train.common import param_groups
 from vqim.train.trainer import clip_scale, grad_norm, nonfinite_flag, optimizer_step
@@ -70,32 +71,6 @@ def measure(fn, n_items: int, repeats: int, warmup: int, device: str) -> dict:
     for _ in range(warmup):
         fn(next(i))
     return stats([n_items / t for t in timed(lambda: fn(next(i)), repeats, device)])
-
-
-def linear_paths_ab(train_step, steps, pairs: int) -> dict:
-    """Time ratio of a training step whose linear layers take oneDNN's product (vqim.nn.linear, the default on
-    x86-64 CPUs) to one whose layers all run plain `F.linear` (MKL), in `pairs` pairs of back-to-back steps
-    (the order alternating), after one untimed step of each: median and quartiles of the per-pair ratios."""
-    import contextlib
-    import statistics
-
-    from vqim.nn.linear import plain_products
-
-    def run(plain: bool) -> float:
-        with plain_products() if plain else contextlib.nullcontext():
-            return timed(lambda: train_step(next(steps)), 1, "cpu")[0]
-
-    run(True), run(False)
-    ratios, times = [], {True: [], False: []}
-    for i in range(pairs):
-        t = {plain: run(plain) for plain in ((True, False) if i % 2 else (False, True))}
-        for plain, v in t.items():
-            times[plain].append(v)
-        ratios.append(t[False] / t[True])
-    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
-    return {"median": round(statistics.median(ratios), 3), "q1": round(q[0], 3), "q3": round(q[2], 3),
-            "seconds_per_step": {"onednn": stats(times[False], 3), "plain": stats(times[True], 3)},
-            "pairs": pairs}  # fmt: skip
 
 
 def run_arch(args, arch: str) -> dict:
@@ -163,7 +138,9 @@ def run_arch(args, arch: str) -> dict:
         else None
     )
     linear_ab = (
-        linear_paths_ab(train_step, steps, args.repeats) if dev == "cpu" and not args.compile else None
+        linear_paths_ab(lambda: train_step(next(steps)), args.repeats)
+        if dev == "cpu" and not args.compile and linear._onednn
+        else None
     )
     tok.eval()
     enc_flops = count_flops(encode)
@@ -181,7 +158,7 @@ def run_arch(args, arch: str) -> dict:
         # on a shared machine whose speed moves within a run, steadier than the median rate over sgemm's best.
         "train_mfu_paired": paired,
         # Training step with the linear layers' oneDNN product against plain F.linear (MKL), alternating
-        # (linear_paths_ab); None where it does not apply (GPU, compiled).
+        # (machine.linear_paths_ab); None where it does not apply (GPU, compiled, no oneDNN path).
         "train_step_time_onednn_over_plain_linear": linear_ab,
         "flops": {
             "train_per_image": round(flops_per_step / args.train_batch),

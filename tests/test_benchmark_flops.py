@@ -90,3 +90,20 @@ def test_linear_layers_count_the_same_flops_on_either_product():
         plain = count_flops(step)["total"]
     assert plain == 3 * 2 * 3 * linear.ONEDNN_MIN_ROWS * 24 * 40  # forward, input and weight gradients
     assert count_flops(step)["total"] == plain
+
+
+def test_linear_paths_ab_times_each_path_in_alternating_pairs(monkeypatch):
+    """Each pair runs the step once on oneDNN's path and once on plain F.linear, the order alternating, and the
+    ratio is oneDNN's time over F.linear's (simulated: oneDNN steps take 1 s, plain ones 2 s)."""
+    import machine
+    from vqim.nn import linear
+
+    seen = []
+    monkeypatch.setattr(machine, "timed", lambda fn, repeats, device: [fn(), 1.0 if seen[-1] else 2.0][1:])
+    out = machine.linear_paths_ab(lambda: seen.append(linear._enabled), pairs=4, warmup_pairs=1)
+    assert seen == [False, True] + [True, False, False, True, True, False, False, True]
+    assert out["median"] == out["q1"] == out["q3"] == 0.5 and out["pairs"] == 4
+    assert (
+        out["seconds_per_step"]["onednn"]["median"] == 1.0
+        and out["seconds_per_step"]["f_linear"]["max"] == 2.0
+    )
