@@ -16,7 +16,7 @@ ordinary `F.linear`. Its parameters and state-dict keys are those of `nn.Linear`
 
 oneDNN: PyTorch's fp32 `F.linear` on the CPU is an MKL GEMM, and MKL takes a slower code path on non-Intel
 x86-64 CPUs; oneDNN (in every x86-64 PyTorch build) picks its kernels by instruction set. On a 2-core AMD EPYC
-(Zen 4) its square fp32 product runs at about 1.2× MKL's, the tokenizer's training products at 1.1-1.2×
+(Zen 4) its square fp32 product ran at 1.2-1.5× MKL's, the tokenizer's training products at 1.1-1.2×
 (2048 rows, 256 <-> 1024 features: 204 against 175 GFLOP/s), and it adds the bias inside the product instead
 of writing it out first; a whole training step takes about 0.93× the time (`benchmarks/tokenizer_speed.py`,
 `train_step_time_onednn_over_plain_linear`). `linear` is the product with its backward: the input gradient
