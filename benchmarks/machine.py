@@ -91,13 +91,6 @@ def matmul_gflops_by_library(
     }
 
 
-def matmul_gflops(
-    device: str, m: int = SQUARE, k: int = SQUARE, n: int = SQUARE, dtype=torch.float32, reps: int = 5
-) -> float:
-    """GFLOP/s of an (m, k) @ (k, n) product through the fastest library of `products`."""
-    return max(matmul_gflops_by_library(device, m, k, n, dtype, reps).values())
-
-
 def paired_mfu(
     fn: Callable[[], object], flops: float, repeats: int, device: str, sgemm_calls: int = 3
 ) -> dict:

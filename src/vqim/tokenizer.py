@@ -90,11 +90,6 @@ class TanhHead(nn.Sequential):
         return super().forward(x)
 
 
-def tanh_head(dim: int, hidden: int, out: int) -> TanhHead:
-    """The paper's output head (`TanhHead`)."""
-    return TanhHead(dim, hidden, out)
-
-
 class PixelHead(nn.Module):
     """Linear map of each token to its p×p×C patch with one bias per channel: a stride-p transposed
     convolution (enhancing-transformers' ViT-VQGAN), in `unpatchify`'s (row, column, channel) order.
@@ -134,7 +129,7 @@ class ViTEncoder(nn.Module):
         self.patch_embed = Linear(p * p * cfg.channels, d)
         self.pos = PositionEmbedding(cfg.grid_size, d, cfg.pos_embed)
         self.transformer = _transformer(cfg, "enc")
-        self.head = tanh_head(d, cfg.enc_mlp_dim, d) if cfg.vit_head == "tanh_mlp" else nn.Identity()
+        self.head = TanhHead(d, cfg.enc_mlp_dim, d) if cfg.vit_head == "tanh_mlp" else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         grid = (x.shape[2] // self.patch_size, x.shape[3] // self.patch_size)
@@ -187,7 +182,7 @@ class ViTDecoder(nn.Module):
         self.pos = PositionEmbedding(cfg.grid_size, d, cfg.pos_embed)
         self.transformer = _transformer(cfg, "dec")
         self.head = (
-            tanh_head(d, cfg.dec_mlp_dim, p * p * c) if cfg.vit_head == "tanh_mlp" else PixelHead(d, p, c)
+            TanhHead(d, cfg.dec_mlp_dim, p * p * c) if cfg.vit_head == "tanh_mlp" else PixelHead(d, p, c)
         )
 
     @property

@@ -57,6 +57,8 @@ _onednn = (
 
 _POST_OPS = {None: ("none", ""), "tanh": ("tanh", ""), "gelu": ("gelu", "none")}  # "none": exact (erf) GELU
 _PLAIN_ACTS = {"tanh": torch.tanh, "gelu": F.gelu}
+# A Parameter wrapping a tensor subclass (DTensor) has the subclass's type, so these are plain tensors only.
+_PLAIN_TYPES = (torch.Tensor, nn.Parameter)
 
 
 def _is_wrapped(t: torch.Tensor) -> bool:  # a torch.func (grad, jvp, vmap) tensor
@@ -109,11 +111,8 @@ def onednn_takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         and 0 < x.shape[-1] == weight.shape[-1]
         and x.numel() >= ONEDNN_MIN_ROWS * x.shape[-1]
         and type(x) is torch.Tensor
-        and type(weight.data) is torch.Tensor
-        and (
-            bias is None
-            or (bias.dtype == torch.float32 and type(bias.data) is torch.Tensor and bias.dim() == 1)
-        )
+        and type(weight) in _PLAIN_TYPES
+        and (bias is None or (bias.dtype == torch.float32 and type(bias) in _PLAIN_TYPES and bias.dim() == 1))
         and weight.device.type == "cpu"
         and torch._C._get_mkldnn_enabled()
         and _forward_ad._current_level < 0
@@ -134,15 +133,22 @@ def linear(
     if activation not in _POST_OPS:
         raise ValueError(f"activation must be None, 'tanh' or 'gelu', got {activation!r}")
     if onednn_takes(x, weight, bias):
-        if torch.is_grad_enabled() and (
-            x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-        ):
-            if activation == "gelu":
-                return F.gelu(_OneDNNLinear.apply(x, weight, bias))
-            return _OneDNNLinear.apply(x, weight, bias, activation == "tanh")
-        return _onednn_product(x, weight, bias, activation)
+        return _onednn_linear(x, weight, bias, activation)
     y = F.linear(x, weight, bias)
     return y if activation is None else _PLAIN_ACTS[activation](y)
+
+
+def _onednn_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None
+) -> torch.Tensor:
+    """`linear` for inputs `onednn_takes`: through autograd when a gradient is recorded, else the plain call."""
+    if torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    ):
+        if activation == "gelu":
+            return F.gelu(_OneDNNLinear.apply(x, weight, bias))
+        return _OneDNNLinear.apply(x, weight, bias, activation == "tanh")
+    return _onednn_product(x, weight, bias, activation)
 
 
 def split_count(out_features: int) -> int:
@@ -238,7 +244,7 @@ class Linear(nn.Linear):
             and not _global_forward_pre_hooks
             and onednn_takes(x, self.weight, self.bias)
         ):
-            return linear(x, self.weight, self.bias, activation)
+            return _onednn_linear(x, self.weight, self.bias, activation)
         return _PLAIN_ACTS[activation](self(x))
 
     def _make_blocks(self) -> tuple | bool:
