@@ -3,6 +3,7 @@
 import sys
 
 from vqim.checkpoint import save_tensors
+from vqim.distributed import leave
 from vqim.train.tokenizer import TokenizerTrainConfig, train_tokenizer
 
 if __name__ == "__main__":
@@ -16,3 +17,4 @@ if __name__ == "__main__":
         save_tensors(f"{out}/rank{acc.process_index}.safetensors", model.state_dict())
 
     train_tokenizer(cfg, on_end=save_own)
+    leave(0)

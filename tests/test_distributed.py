@@ -29,7 +29,7 @@ def test_two_process_gloo_run_matches_one_process(tmp_path):
     rng = np.random.default_rng(0)
     data = tmp_path / "images.npy"
     np.save(data, rng.integers(0, 255, (32, 40, 40, 3), dtype=np.uint8))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONFAULTHANDLER": "1"}
     accelerate = str(Path(sys.executable).parent / "accelerate")
     two, one = tmp_path / "two", tmp_path / "one"
     _launch(
@@ -73,7 +73,7 @@ def test_two_process_evaluation_equals_one_process(tmp_path):
     (folder / "broken.png").write_bytes(b"not a png")
     torch.manual_seed(0)
     Tokenizer.from_preset("vit-vqgan-tiny", image_size=32, codebook_size=64).save_pretrained(tmp_path / "tok")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONFAULTHANDLER": "1"}
     accelerate = str(Path(sys.executable).parent / "accelerate")
     vqim = str(Path(sys.executable).parent / "vqim")
     args = ["eval-tokenizer", "--tokenizer", str(tmp_path / "tok"), "--data", str(folder), "--batch-size", "2",
@@ -123,7 +123,7 @@ def test_two_process_encode_and_prior_training_equal_one_process(tmp_path):
     (folder / "a" / "broken.png").write_bytes(b"not a png")
     torch.manual_seed(0)
     Tokenizer.from_preset("vit-vqgan-tiny", image_size=32, codebook_size=64).save_pretrained(tmp_path / "tok")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONFAULTHANDLER": "1"}
     vqim = str(Path(sys.executable).parent / "vqim")
     enc = ["encode", "--tokenizer", str(tmp_path / "tok"), "--data", str(folder), "--shard-size", "4",
            "--batch-size", "3", "--no-progress"]  # fmt: skip
@@ -155,3 +155,26 @@ def test_two_process_encode_and_prior_training_equal_one_process(tmp_path):
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5, msg=f"2-process prior differs on {k}")
     assert json.loads((tmp_path / "p2" / "metrics.json").read_text())["processes"] == 2
+
+
+def test_a_launched_process_ends_without_teardown_keeping_its_output_and_status():
+    """Under a multi-process launch (WORLD_SIZE > 1) the CLI leaves without Python's teardown, where releasing the
+    process group that DDP / FSDP keep alive can abort a finished run; its output (flushed first) and its exit
+    status are those of an ordinary run."""
+    script = ("import atexit, sys; atexit.register(lambda: print('teardown ran', file=sys.stderr)); "
+              "from vqim.cli import main; main(sys.argv[1:])")  # fmt: skip
+
+    def run(world: str, *argv: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "WORLD_SIZE": world, "OMP_NUM_THREADS": "1"}
+        return subprocess.run([sys.executable, "-c", script, *argv], env=env, capture_output=True, text=True,
+                              timeout=300)  # fmt: skip
+
+    one, launched = run("1", "presets"), run("2", "presets")
+    assert one.returncode == 0 and "teardown ran" in one.stderr, one.stderr
+    assert launched.returncode == 0 and "teardown ran" not in launched.stderr, launched.stderr
+    assert (
+        launched.stdout == one.stdout and len(one.stdout) > 1000
+    )  # block-buffered in a pipe: flushed before leaving
+    bad = run("2", "sample", "--prior", "p", "--tokenizer", "t", "--out", "o", "--top-p", "2")
+    assert bad.returncode == 2 and "teardown ran" not in bad.stderr
+    assert bad.stderr.strip().splitlines() == ["error: top_p (--top-p) must be None or in (0, 1], got 2.0"]

@@ -128,7 +128,7 @@ def test_two_processes_write_the_folder_one_process_writes(pair, tmp_path):
     common = ["--prior", str(pair[0]), "--tokenizer", str(pair[1]), "--n", "10", "--batch-size", "3", "--seed",
               "3", "--top-k", "8", "--no-progress", "--npz"]  # fmt: skip
     sample_to_folder(_cfg(pair, one, n=10, batch_size=3, npz=True))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONFAULTHANDLER": "1"}
     accelerate = str(Path(sys.executable).parent / "accelerate")
     r = subprocess.run(
         [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",

@@ -15,7 +15,9 @@ type, default and help are declared once, beside the code that uses it:
 
 Bad input (`vqim.errors.InputError` or any ValueError; a missing or unusable path: FileNotFoundError,
 PermissionError, IsADirectoryError, ...) ends the command with one line `error: ...` on stderr and exit status
-2; a training run stopped early (`TrainingStopped`) likewise, with status 1.
+2; a training run stopped early (`TrainingStopped`) likewise, with status 1. A process of a multi-process launch
+(`accelerate launch`, torchrun) ends with its command's status without Python's teardown
+(`vqim.distributed.leave`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from vqim.distributed import launched, leave
 from vqim.nn.memory import retain_freed_memory
 from vqim.options import add_options, build, values
 
@@ -285,6 +288,17 @@ def main(argv: list[str] | None = None) -> None:
     # The command owns the process: keep freed CPU memory for reuse, so batch after batch of activations (training,
     # encoding, evaluation, sampling) is not page-faulted in again each time (vqim.nn.memory).
     retain_freed_memory()
+    if not launched():
+        _run(args)
+        return
+    try:
+        _run(args)
+    except SystemExit as e:
+        leave(e.code if isinstance(e.code, int) else (0 if e.code is None else 1))
+    leave(0)
+
+
+def _run(args: argparse.Namespace) -> None:
     try:
         args.func(args)
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError,

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
+
 import torch
 
 
@@ -11,3 +15,25 @@ def process_state():
     from accelerate import PartialState
 
     return PartialState(cpu=not torch.cuda.is_available())
+
+
+def launched() -> bool:
+    """Whether this process is one of several started by `accelerate launch` / torchrun (WORLD_SIZE > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def leave(status: int = 0) -> None:
+    """End this process now with `status`, without Python's teardown; for the end of a script run under a
+    multi-process launch, once everything it makes is written and closed (the `vqim` commands end this way).
+
+    Once DDP or FSDP has used the process group, PyTorch keeps it alive after `destroy_process_group` (its
+    worker threads keep running), and releasing it while the interpreter is being torn down can abort the
+    process (`terminate called without an active exception`) after every result was written, which the
+    launcher reports as a failed run. The logs and the standard streams are flushed first."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
