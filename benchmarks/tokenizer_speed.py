@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 
 import torch
 
@@ -54,6 +55,19 @@ def bench_config(arch: str = "vit", **kw) -> dict:
         dec_dim=256, dec_depth=4, dec_heads=4, dec_mlp_dim=1024, codebook_size=8192, lookup_dim=32,
         l2_norm=True, logit_laplace=False, **kw,
     )  # fmt: skip
+
+
+def trainer_update(tok: Tokenizer) -> Callable[[], None]:
+    """The update of `vqim train-tokenizer`, as a call after each backward: AdamW with decay on matrices only,
+    gradient clipping (1.0) and the non-finite skip folded into the fused step, then the gradients cleared."""
+    opt = torch.optim.AdamW(param_groups(tok, 1e-4), lr=1e-4, betas=(0.9, 0.99), fused=True)
+
+    def update() -> None:
+        norm = grad_norm(tok.parameters())
+        optimizer_step(opt, nonfinite_flag(norm), clip_scale(norm, 1.0))
+        opt.zero_grad(set_to_none=True)
+
+    return update
 
 
 def minor_faults() -> int:
@@ -81,9 +95,7 @@ def run_arch(args, arch: str) -> dict:
     tok = Tokenizer.from_preset("vit-vqgan-ss", **bench_config(arch)).to(dev)
     params = sum(p.numel() for p in tok.parameters())
     model = torch.compile(tok, mode=args.compile_mode) if args.compile else tok
-    # The optimizer and update of `vqim train-tokenizer`: decay on matrices only, gradient clipping (1.0) and the
-    # non-finite skip folded into the fused AdamW step.
-    opt = torch.optim.AdamW(param_groups(tok, 1e-4), lr=1e-4, betas=(0.9, 0.99), fused=True)
+    update = trainer_update(tok)
     x_train = torch.rand(args.train_batch, 3, 128, 128, device=dev)
     x_enc = torch.rand(args.encode_batch, 3, 128, 128, device=dev)
     amp = torch.autocast(dev.split(":")[0], dtype=torch.bfloat16, enabled=args.bf16)
@@ -106,9 +118,7 @@ def run_arch(args, arch: str) -> dict:
             if gan is not None:
                 loss = loss + gan.generator_term(out.reconstruction, loss, tok.decoder.last_layer)[0]
         loss.backward()
-        norm = grad_norm(tok.parameters())
-        optimizer_step(opt, nonfinite_flag(norm), clip_scale(norm, 1.0))
-        opt.zero_grad(set_to_none=True)
+        update()
         if gan is not None:
             with amp:
                 gan.discriminator_step(x_train, out.reconstruction.detach(), step)

@@ -107,3 +107,45 @@ def test_linear_paths_ab_times_each_path_in_alternating_pairs(monkeypatch):
         out["seconds_per_step"]["onednn"]["median"] == 1.0
         and out["seconds_per_step"]["f_linear"]["max"] == 2.0
     )
+
+
+def test_step_budget_splits_the_step_and_bounds_its_mfu():
+    import step_budget
+
+    seconds = {"products_onednn": 0.4, "products_torch_mm": 0.2, "attention": 0.1}
+    flops = {"products_onednn": 40e9, "products_torch_mm": 10e9, "attention": 5e9}
+    b = step_budget.budget(seconds, flops, step_s=0.8, limit=100.0)
+    c = b["classes"]
+    assert c["rest"]["seconds_per_step"] == 0.1 and c["rest"]["share_of_step"] == 0.125
+    assert c["products_onednn"]["gflops_in_step"] == 100.0 and c["products_onednn"]["share_of_limit"] == 1.0
+    assert c["products_torch_mm"]["gflops_in_step"] == 50.0 and c["attention"]["share_of_limit"] == 0.5
+    assert b["mfu_profiled"] == round(55 / 0.8 / 100, 3)
+    assert b["mfu_if_rest_took_no_time"] == round(55 / 0.7 / 100, 3)
+    assert b["mfu_if_products_and_attention_ran_at_the_limit"] == round(0.55 / 0.65, 3)
+    assert b["mfu_if_all_matrix_work_ran_like_products_onednn"] == round(
+        0.55 / 0.65, 3
+    )  # oneDNN ran at the limit
+    assert b["rest_seconds_allowed_for"]["mfu_0.70"] == round(0.55 / 0.7 - 0.7, 4)  # < 0: out of reach
+
+
+def test_step_budget_names_the_operators_a_training_step_runs():
+    """Every operator that counts model FLOPs in a real (tiny) tokenizer step falls in a matrix class, and the
+    profiler times each class that has FLOPs under the same names."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import step_budget
+    from vqim import Tokenizer
+
+    torch.manual_seed(0)
+    tok = Tokenizer.from_preset("vit-vqgan-tiny", image_size=64, codebook_size=64).train()
+    x = torch.rand(4, 3, 64, 64)  # 4 × 64 tokens: 256 rows, enough for the oneDNN path on x86-64
+
+    def step():
+        tok(x).loss.backward()
+
+    keys = [k for k in count_flops(step) if k != "total"]
+    assert keys and all(step_budget.flop_class(k) != "rest" for k in keys), keys
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    timed = {step_budget.op_class(e.key) for e in prof.key_averages() if e.self_cpu_time_total > 0}
+    assert {step_budget.flop_class(k) for k in keys} <= timed
