@@ -4,7 +4,8 @@ on plain `F.linear` (MKL), alternating step by step in one process, printed as J
 
 Models: the demo's (`make demo`): the vit-vqgan-tiny tokenizer at batch 16 (64×64 images, 8×8 tokens) and the
 vim-tiny class-conditional prior at batch 64 (8×8 tokens), each with its AdamW step; and, with --products, single
-products of several shapes (rows × in → out), forward and input gradient, each path's GFLOP/s. The larger
+products of several shapes (rows × in → out), forward, input gradient and weight gradient, each path's
+GFLOP/s (the last four shapes are the tokenizer_speed.py step's). The larger
 models' figures are printed by tokenizer_speed.py (`train_step_time_onednn_over_plain_linear`) and
 prior_speed.py (`linear_ab`). Ratios are oneDNN ÷ F.linear time: below 1, oneDNN is faster.
 
@@ -55,27 +56,39 @@ def demo_steps(pairs: int) -> dict:
 
 
 def product_rates(rows: int, d_in: int, d_out: int) -> dict:
-    """GFLOP/s of one product shape through each path: forward (x · Wᵀ + b) and input gradient (g · W)."""
+    """GFLOP/s of one product shape through each path: forward (x · Wᵀ + b), input gradient (g · W) and weight
+    gradient (gᵀ · x: vqim's on `torch.mm`, against oneDNN with the transposed operands as they are, with gᵀ
+    copied contiguous first, and as (xᵀ · g)ᵀ with xᵀ copied)."""
     x, w, b = torch.randn(rows, d_in), torch.randn(d_out, d_in), torch.randn(d_out)
     g = torch.randn(rows, d_out)
     flops = 2 * rows * d_in * d_out
-    fns = {
+    return {
+        kind: {path: round(flops / seconds_per_call(f, "cpu") / 1e9, 1) for path, f in paths.items()}
+        for kind, paths in product_paths(x, w, b, g).items()
+    }
+
+
+def product_paths(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, g: torch.Tensor) -> dict:
+    """The calls `product_rates` times, by product and path; each path of a product computes the same result."""
+    return {
         "forward": {"onednn": lambda: linear._onednn_product(x, w, b), "f_linear": lambda: F.linear(x, w, b)},
         "input_gradient": {
             "onednn": lambda: linear._onednn_product(g, w.t(), None),
             "f_linear": lambda: g @ w,
         },
-    }
-    return {
-        kind: {path: round(flops / seconds_per_call(f, "cpu") / 1e9, 1) for path, f in paths.items()}
-        for kind, paths in fns.items()
+        "weight_gradient": {
+            "torch_mm": lambda: torch.mm(g.t(), x),
+            "onednn_strided": lambda: linear._onednn_product(g.t(), x.t(), None),
+            "onednn_g_copied": lambda: linear._onednn_product(g.t().contiguous(), x.t(), None),
+            "onednn_x_copied": lambda: linear._onednn_product(x.t().contiguous(), g.t(), None).t(),
+        },
     }
 
 
 def products() -> dict:
     """`product_rates` for narrow and wide layers at a few row counts."""
-    shapes = [(1024, 64, 64), (4096, 64, 64), (1024, 128, 512), (4096, 128, 512), (2048, 256, 1024),
-              (2048, 1024, 256)]  # fmt: skip
+    shapes = [(1024, 64, 64), (4096, 64, 64), (1024, 128, 512), (4096, 128, 512), (2048, 256, 256),
+              (2048, 256, 768), (2048, 256, 1024), (2048, 1024, 256)]  # fmt: skip
     return {f"{r}x{i}->{o}": product_rates(r, i, o) for r, i, o in shapes}
 
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 from machine import count_flops  # noqa: E402
+from vqim.nn import linear as linear_module  # noqa: E402
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -149,3 +150,18 @@ def test_step_budget_names_the_operators_a_training_step_runs():
         step()
     timed = {step_budget.op_class(e.key) for e in prof.key_averages() if e.self_cpu_time_total > 0}
     assert {step_budget.flop_class(k) for k in keys} <= timed
+
+
+@pytest.mark.skipif(not linear_module._onednn, reason="oneDNN's linear path is taken on x86-64 CPUs only")
+def test_linear_paths_time_the_same_product_on_every_path():
+    import linear_paths
+
+    torch.manual_seed(0)
+    x, w, b, g = torch.randn(256, 48), torch.randn(32, 48), torch.randn(32), torch.randn(256, 32)
+    expected = {"forward": F.linear(x, w, b), "input_gradient": g @ w, "weight_gradient": g.t() @ x}
+    paths = linear_paths.product_paths(x, w, b, g)
+    assert paths.keys() == expected.keys()
+    for kind, calls in paths.items():
+        assert len(calls) >= 2, kind
+        for path, call in calls.items():
+            torch.testing.assert_close(call(), expected[kind], rtol=1e-4, atol=1e-4, msg=f"{kind} {path}")
