@@ -178,3 +178,27 @@ def test_a_launched_process_ends_without_teardown_keeping_its_output_and_status(
     bad = run("2", "sample", "--prior", "p", "--tokenizer", "t", "--out", "o", "--top-p", "2")
     assert bad.returncode == 2 and "teardown ran" not in bad.stderr
     assert bad.stderr.strip().splitlines() == ["error: top_p (--top-p) must be None or in (0, 1], got 2.0"]
+
+
+def test_only_the_first_launched_process_logs_progress():
+    """Under a launch the other processes log warnings and errors only, so each info line is printed once."""
+    argv = [
+        "-m",
+        "vqim.cli",
+        "train-tokenizer",
+        "--data",
+        "no-such-folder",
+        "--out",
+        "o",
+        "--preset",
+        "vit-vqgan-tiny",
+    ]
+
+    def run(rank: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "WORLD_SIZE": "2", "RANK": rank, "OMP_NUM_THREADS": "1"}
+        return subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True, timeout=300)
+
+    first, other = run("0"), run("1")
+    assert first.returncode == other.returncode == 2
+    assert "INFO vqim: recipe:" in first.stderr and "INFO" not in other.stderr, other.stderr
+    assert other.stderr.strip().splitlines()[-1].startswith("error: ")  # errors still reach the user

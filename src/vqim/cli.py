@@ -43,8 +43,13 @@ def _print_json(obj: Any) -> None:
     """Print obj as JSON (on the main process only, under `accelerate launch`)."""
     from vqim.checkpoint import dumps
 
-    if int(os.environ.get("RANK", "0")) == 0:
+    if _main_process():
         print(dumps(obj))
+
+
+def _main_process() -> bool:
+    """Whether this is the only process, or the first of a multi-process launch."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 # Settings every trainer takes whose command-line form differs from the field: `--compile [MODE]`.
@@ -79,6 +84,8 @@ def cmd_train_tokenizer(a: argparse.Namespace) -> None:
     log.info("recipe: disc=%s adv_weight=%s perceptual_weight=%s lr=%.3g betas=%s",
              cfg.disc, cfg.adv_weight, cfg.perceptual_weight, cfg.lr, cfg.betas)  # fmt: skip
     summary = train_tokenizer(cfg)
+    if not _main_process():
+        return
     if summary.get("skipped_files"):
         log.warning("skipped %d unreadable files (listed in %s)", summary["skipped_files"],
                     Path(cfg.out) / "train_summary.json")  # fmt: skip
@@ -280,8 +287,9 @@ def main(argv: list[str] | None = None) -> None:
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(only=command or "").parse_args(argv)
     args.argv = argv
+    # Under a multi-process launch the other processes log warnings and errors only: progress is the first's.
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.INFO if _main_process() else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
