@@ -114,19 +114,18 @@ def test_step_budget_splits_the_step_and_bounds_its_mfu():
     import step_budget
 
     seconds = {"products_onednn": 0.4, "products_torch_mm": 0.2, "attention": 0.1}
-    flops = {"products_onednn": 40e9, "products_torch_mm": 10e9, "attention": 5e9}
+    flops = {"products_onednn": 32e9, "products_torch_mm": 10e9, "attention": 5e9}
     b = step_budget.budget(seconds, flops, step_s=0.8, limit=100.0)
     c = b["classes"]
     assert c["rest"]["seconds_per_step"] == 0.1 and c["rest"]["share_of_step"] == 0.125
-    assert c["products_onednn"]["gflops_in_step"] == 100.0 and c["products_onednn"]["share_of_limit"] == 1.0
+    assert c["products_onednn"]["gflops_in_step"] == 80.0 and c["products_onednn"]["share_of_limit"] == 0.8
     assert c["products_torch_mm"]["gflops_in_step"] == 50.0 and c["attention"]["share_of_limit"] == 0.5
-    assert b["mfu_profiled"] == round(55 / 0.8 / 100, 3)
-    assert b["mfu_if_rest_took_no_time"] == round(55 / 0.7 / 100, 3)
-    assert b["mfu_if_products_and_attention_ran_at_the_limit"] == round(0.55 / 0.65, 3)
-    assert b["mfu_if_all_matrix_work_ran_like_products_onednn"] == round(
-        0.55 / 0.65, 3
-    )  # oneDNN ran at the limit
-    assert b["rest_seconds_allowed_for"]["mfu_0.70"] == round(0.55 / 0.7 - 0.7, 4)  # < 0: out of reach
+    assert b["mfu"] == round(47 / 0.8 / 100, 3)
+    assert b["mfu_if_rest_took_no_time"] == round(47 / 0.7 / 100, 3)
+    assert b["mfu_if_products_and_attention_ran_at_the_limit"] == round(0.47 / 0.57, 3)
+    assert b["mfu_if_all_matrix_work_ran_like_products_onednn"] == round(47 / (47 / 80 + 0.1) / 100, 3)
+    assert b["rest_seconds_allowed_for"]["mfu_0.70"] == round(0.47 / 0.7 - 0.7, 4)  # < 0: out of reach
+    assert step_budget.budget({}, {}, step_s=0.5, limit=100.0)["mfu_if_rest_took_no_time"] is None
 
 
 def test_step_budget_names_the_operators_a_training_step_runs():

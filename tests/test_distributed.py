@@ -157,27 +157,57 @@ def test_two_process_encode_and_prior_training_equal_one_process(tmp_path):
     assert json.loads((tmp_path / "p2" / "metrics.json").read_text())["processes"] == 2
 
 
+def _launch_env(**env: str) -> dict:
+    """This environment with a launcher's variables as given, and none left over from the one that runs the tests
+    (a process told its rank and a rendezvous address would wait for peers that never start)."""
+    names = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PMI_SIZE",
+             "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_RANK")  # fmt: skip
+    base = {k: v for k, v in os.environ.items() if k not in names and not k.startswith("ACCELERATE_")}
+    return {**base, "OMP_NUM_THREADS": "1", **env}
+
+
+# Runs the `vqim` command in a process of its own, with a marker of Python's teardown; argv[1] names a command to
+# replace by one that raises (to see how an unexpected error ends).
+ENTRY = """
+import atexit, sys
+import vqim.cli as cli
+atexit.register(lambda: print("teardown ran", file=sys.stderr))
+if sys.argv[1] == "raise":
+    help_, add, _ = cli.COMMANDS["presets"]
+    def boom(args):
+        raise RuntimeError("boom")
+    cli.COMMANDS["presets"] = (help_, add, boom)
+sys.argv = ["vqim", *sys.argv[2:]]
+cli.entry()
+"""
+
+
 def test_a_launched_process_ends_without_teardown_keeping_its_output_and_status():
-    """Under a multi-process launch (WORLD_SIZE > 1) the CLI leaves without Python's teardown, where releasing the
-    process group that DDP / FSDP keep alive can abort a finished run; its output (flushed first) and its exit
+    """In a process of a multi-process launch the `vqim` command ends without Python's teardown, where releasing
+    the process group that DDP / FSDP keep alive can abort a finished run; its output (flushed first) and its exit
     status are those of an ordinary run."""
-    script = ("import atexit, sys; atexit.register(lambda: print('teardown ran', file=sys.stderr)); "
-              "from vqim.cli import main; main(sys.argv[1:])")  # fmt: skip
 
-    def run(world: str, *argv: str) -> subprocess.CompletedProcess:
-        env = {**os.environ, "WORLD_SIZE": world, "OMP_NUM_THREADS": "1"}
-        return subprocess.run([sys.executable, "-c", script, *argv], env=env, capture_output=True, text=True,
-                              timeout=300)  # fmt: skip
+    def run(env: dict, *argv: str, mode: str = "keep") -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", ENTRY, mode, *argv], env=_launch_env(**env),
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
 
-    one, launched = run("1", "presets"), run("2", "presets")
+    one, launched = run({}, "presets"), run({"WORLD_SIZE": "2", "RANK": "0"}, "presets")
     assert one.returncode == 0 and "teardown ran" in one.stderr, one.stderr
     assert launched.returncode == 0 and "teardown ran" not in launched.stderr, launched.stderr
-    assert (
-        launched.stdout == one.stdout and len(one.stdout) > 1000
-    )  # block-buffered in a pipe: flushed before leaving
-    bad = run("2", "sample", "--prior", "p", "--tokenizer", "t", "--out", "o", "--top-p", "2")
+    assert launched.stdout == one.stdout and len(one.stdout) > 1000  # block-buffered in a pipe: flushed first
+    mpi = run({"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "0"}, "presets")  # an mpirun launch
+    assert mpi.returncode == 0 and "teardown ran" not in mpi.stderr and mpi.stdout == one.stdout
+    bad = run({"WORLD_SIZE": "2"}, "sample", "--prior", "p", "--tokenizer", "t", "--out", "o", "--top-p", "2")
     assert bad.returncode == 2 and "teardown ran" not in bad.stderr
     assert bad.stderr.strip().splitlines() == ["error: top_p (--top-p) must be None or in (0, 1], got 2.0"]
+    crash = run({"WORLD_SIZE": "2"}, "presets", mode="raise")  # an unexpected error: its traceback, status 1
+    assert crash.returncode == 1 and "teardown ran" not in crash.stderr
+    assert "Traceback" in crash.stderr and crash.stderr.strip().endswith("RuntimeError: boom")
+    # The Python API's main() returns to its caller, launch or not.
+    script = "from vqim.cli import main; main(['presets']); print('returned')"
+    api = subprocess.run([sys.executable, "-c", script], env=_launch_env(WORLD_SIZE="2"), capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert api.returncode == 0 and api.stdout.strip().endswith("returned")
 
 
 def test_only_the_first_launched_process_logs_progress():
@@ -194,11 +224,17 @@ def test_only_the_first_launched_process_logs_progress():
         "vit-vqgan-tiny",
     ]
 
-    def run(rank: str) -> subprocess.CompletedProcess:
-        env = {**os.environ, "WORLD_SIZE": "2", "RANK": rank, "OMP_NUM_THREADS": "1"}
-        return subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True, timeout=300)
+    def run(**env: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, *argv], env=_launch_env(**env), capture_output=True, text=True,
+                              timeout=300)  # fmt: skip
 
-    first, other = run("0"), run("1")
+    # No rendezvous address: the run stops with an error once the trainer starts, after the recipe line.
+    first, other, mpi_other = (
+        run(WORLD_SIZE="2", RANK="0"),
+        run(WORLD_SIZE="2", RANK="1"),
+        run(PMI_SIZE="2", PMI_RANK="1"),
+    )
     assert first.returncode == other.returncode == 2
     assert "INFO vqim: recipe:" in first.stderr and "INFO" not in other.stderr, other.stderr
+    assert "INFO" not in mpi_other.stderr, mpi_other.stderr
     assert other.stderr.strip().splitlines()[-1].startswith("error: ")  # errors still reach the user

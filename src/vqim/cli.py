@@ -16,8 +16,8 @@ type, default and help are declared once, beside the code that uses it:
 Bad input (`vqim.errors.InputError` or any ValueError; a missing or unusable path: FileNotFoundError,
 PermissionError, IsADirectoryError, ...) ends the command with one line `error: ...` on stderr and exit status
 2; a training run stopped early (`TrainingStopped`) likewise, with status 1. A process of a multi-process launch
-(`accelerate launch`, torchrun) ends with its command's status without Python's teardown
-(`vqim.distributed.leave`).
+(`accelerate launch`, torchrun, mpirun) ends with its command's status without Python's teardown
+(`entry`, `vqim.distributed.leave`).
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import shlex
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vqim.distributed import launched, leave
+from vqim.distributed import first_process, launched, leave
 from vqim.nn.memory import retain_freed_memory
 from vqim.options import add_options, build, values
 
@@ -43,13 +43,8 @@ def _print_json(obj: Any) -> None:
     """Print obj as JSON (on the main process only, under `accelerate launch`)."""
     from vqim.checkpoint import dumps
 
-    if _main_process():
+    if first_process():
         print(dumps(obj))
-
-
-def _main_process() -> bool:
-    """Whether this is the only process, or the first of a multi-process launch."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 # Settings every trainer takes whose command-line form differs from the field: `--compile [MODE]`.
@@ -84,7 +79,7 @@ def cmd_train_tokenizer(a: argparse.Namespace) -> None:
     log.info("recipe: disc=%s adv_weight=%s perceptual_weight=%s lr=%.3g betas=%s",
              cfg.disc, cfg.adv_weight, cfg.perceptual_weight, cfg.lr, cfg.betas)  # fmt: skip
     summary = train_tokenizer(cfg)
-    if not _main_process():
+    if not first_process():
         return
     if summary.get("skipped_files"):
         log.warning("skipped %d unreadable files (listed in %s)", summary["skipped_files"],
@@ -289,24 +284,13 @@ def main(argv: list[str] | None = None) -> None:
     args.argv = argv
     # Under a multi-process launch the other processes log warnings and errors only: progress is the first's.
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO if _main_process() else logging.WARNING,
+        level=logging.DEBUG if args.verbose else logging.INFO if first_process() else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
     # The command owns the process: keep freed CPU memory for reuse, so batch after batch of activations (training,
     # encoding, evaluation, sampling) is not page-faulted in again each time (vqim.nn.memory).
     retain_freed_memory()
-    if not launched():
-        _run(args)
-        return
-    try:
-        _run(args)
-    except SystemExit as e:
-        leave(e.code if isinstance(e.code, int) else (0 if e.code is None else 1))
-    leave(0)
-
-
-def _run(args: argparse.Namespace) -> None:
     try:
         args.func(args)
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError,
@@ -325,5 +309,24 @@ def _fail(e: BaseException, status: int) -> None:
     raise SystemExit(status) from None
 
 
+def entry() -> None:
+    """The `vqim` command and `python -m vqim.cli`: `main`, and in a process of a multi-process launch, the end
+    of the process through `vqim.distributed.leave` with the status the command ended with (a traceback is
+    printed first, as Python would). `main` itself returns, for callers in a process of their own."""
+    if not launched():
+        main()
+        return
+    try:
+        main()
+    except SystemExit as e:
+        if e.code is not None and not isinstance(e.code, int):
+            print(e.code, file=sys.stderr)
+        leave(e.code if isinstance(e.code, int) else (0 if e.code is None else 1))
+    except BaseException as e:  # noqa: BLE001 - reported, then the process ends as Python would end it
+        traceback.print_exc()
+        leave(130 if isinstance(e, KeyboardInterrupt) else 1)
+    leave(0)
+
+
 if __name__ == "__main__":
-    main()
+    entry()

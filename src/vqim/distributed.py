@@ -17,9 +17,27 @@ def process_state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
+# Where launchers put the process count and this process's rank (torchrun and `accelerate launch`; MPI's, which
+# Accelerate copies to WORLD_SIZE / RANK only once it starts): the first that is set counts.
+_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+_RANK_VARS = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
+
+
+def _launcher_int(names: tuple[str, ...], default: int) -> int:
+    for name in names:
+        if os.environ.get(name):
+            return int(os.environ[name])
+    return default
+
+
 def launched() -> bool:
-    """Whether this process is one of several started by `accelerate launch` / torchrun (WORLD_SIZE > 1)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """Whether this process is one of several started by a launcher (`accelerate launch`, torchrun, mpirun)."""
+    return _launcher_int(_SIZE_VARS, 1) > 1
+
+
+def first_process() -> bool:
+    """Whether this is the only process, or the first (rank 0) of a launch."""
+    return _launcher_int(_RANK_VARS, 0) == 0
 
 
 def leave(status: int = 0) -> None:
@@ -36,4 +54,10 @@ def leave(status: int = 0) -> None:
             stream.flush()
         except (OSError, ValueError):
             pass
+    try:  # C stdio buffers too (native libraries' own output)
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError, TypeError):
+        pass
     os._exit(status)
