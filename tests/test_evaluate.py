@@ -62,6 +62,23 @@ def test_one_process_evaluation(monkeypatch):
     assert evaluation_processes("auto").device.type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@pytest.mark.parametrize("size_var", ["WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"])
+def test_launched_evaluation_takes_its_share(monkeypatch, size_var):
+    """Under torchrun's or MPI's variables (Accelerate sets WORLD_SIZE from MPI's only once it starts), every
+    process joins the launch's group."""
+    from types import SimpleNamespace
+
+    from vqim import distributed
+
+    for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(size_var, "2")
+    state = SimpleNamespace(device="cpu", is_main_process=False, num_processes=2)
+    monkeypatch.setattr(distributed, "process_state", lambda: state)
+    procs = evaluation_processes("cpu")
+    assert (procs.device, procs.main, procs.distributed) == (torch.device("cpu"), False, True)
+
+
 def test_prior_commands_check_their_input(tmp_path):
     Prior.from_preset("vim-tiny", vocab_size=64, grid_size=(4, 4), num_classes=10, depth=2).save_pretrained(
         tmp_path / "p"

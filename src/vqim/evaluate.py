@@ -269,15 +269,15 @@ class Processes:
 
 
 def evaluation_processes(device: str | torch.device = "auto") -> Processes:
-    """One process on `device`, or, under `accelerate launch` / torchrun (WORLD_SIZE > 1), this process's share.
+    """One process on `device`, or, under a launch (`accelerate launch`, torchrun, mpirun), this process's share.
 
     Launched, every process joins the group (gloo on CPU-only machines, as the trainers do: Accelerate's
     `cpu=True`) and evaluates on the device the launcher gave it; only the main process should write.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from vqim.distributed import process_state
+    from vqim import distributed
 
-        state = process_state()
+    if distributed.launched():
+        state = distributed.process_state()
         return Processes(torch.device(state.device), state.is_main_process, state.num_processes > 1)
     return Processes(resolve_device(device))
 
