@@ -126,6 +126,10 @@ def test_step_budget_splits_the_step_and_bounds_its_mfu():
     assert b["mfu_if_all_matrix_work_ran_like_products_onednn"] == round(47 / (47 / 80 + 0.1) / 100, 3)
     assert b["rest_seconds_allowed_for"]["mfu_0.70"] == round(0.47 / 0.7 - 0.7, 4)  # < 0: out of reach
     assert step_budget.budget({}, {}, step_s=0.5, limit=100.0)["mfu_if_rest_took_no_time"] is None
+    assert not b["classes_exceed_step"]
+    noisy = step_budget.budget(seconds, flops, step_s=0.65, limit=100.0)  # classes 0.7 s > the plain step
+    assert noisy["classes_exceed_step"] and noisy["classes"]["rest"]["seconds_per_step"] == 0.0
+    assert noisy["mfu_if_products_and_attention_ran_at_the_limit"] == 1.0
 
 
 def test_step_budget_names_the_operators_a_training_step_runs():

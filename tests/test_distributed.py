@@ -172,10 +172,11 @@ ENTRY = """
 import atexit, sys
 import vqim.cli as cli
 atexit.register(lambda: print("teardown ran", file=sys.stderr))
-if sys.argv[1] == "raise":
+if sys.argv[1] != "keep":
     help_, add, _ = cli.COMMANDS["presets"]
+    error = {"raise": RuntimeError("boom"), "interrupt": KeyboardInterrupt(), "exit": SystemExit("bye")}[sys.argv[1]]
     def boom(args):
-        raise RuntimeError("boom")
+        raise error
     cli.COMMANDS["presets"] = (help_, add, boom)
 sys.argv = ["vqim", *sys.argv[2:]]
 cli.entry()
@@ -203,6 +204,19 @@ def test_a_launched_process_ends_without_teardown_keeping_its_output_and_status(
     crash = run({"WORLD_SIZE": "2"}, "presets", mode="raise")  # an unexpected error: its traceback, status 1
     assert crash.returncode == 1 and "teardown ran" not in crash.stderr
     assert "Traceback" in crash.stderr and crash.stderr.strip().endswith("RuntimeError: boom")
+    interrupted = run({"WORLD_SIZE": "2"}, "presets", mode="interrupt")
+    assert interrupted.returncode == 130 and "KeyboardInterrupt" in interrupted.stderr
+    message = run({"WORLD_SIZE": "2"}, "presets", mode="exit")  # SystemExit("bye"): printed, status 1
+    assert message.returncode == 1 and message.stderr.strip().splitlines()[-1] == "bye"
+    # Only the first process prints results; a rank left over from another launcher (no count) is no launch,
+    # and neither is a count that is not a number.
+    assert run({"WORLD_SIZE": "2", "RANK": "1"}, "presets").stdout == ""
+    assert run({"RANK": "1"}, "presets").stdout == one.stdout
+    assert (
+        run({"WORLD_SIZE": "2", "PMI_RANK": "1"}, "presets").stdout == one.stdout
+    )  # RANK (unset) is torchrun's
+    odd = run({"WORLD_SIZE": "abc"}, "presets")
+    assert odd.returncode == 0 and "teardown ran" in odd.stderr and odd.stdout == one.stdout
     # The Python API's main() returns to its caller, launch or not.
     script = "from vqim.cli import main; main(['presets']); print('returned')"
     api = subprocess.run([sys.executable, "-c", script], env=_launch_env(WORLD_SIZE="2"), capture_output=True,
@@ -236,5 +250,6 @@ def test_only_the_first_launched_process_logs_progress():
     )
     assert first.returncode == other.returncode == 2
     assert "INFO vqim: recipe:" in first.stderr and "INFO" not in other.stderr, other.stderr
-    assert "INFO" not in mpi_other.stderr, mpi_other.stderr
+    assert mpi_other.returncode == 2 and "INFO" not in mpi_other.stderr, mpi_other.stderr
+    assert mpi_other.stderr.strip().splitlines()[-1].startswith("error: ")
     assert other.stderr.strip().splitlines()[-1].startswith("error: ")  # errors still reach the user

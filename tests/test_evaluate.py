@@ -56,7 +56,8 @@ def test_reconstruct_files_writes_pairs_and_psnr(tmp_path):
 
 
 def test_one_process_evaluation(monkeypatch):
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
     procs = evaluation_processes("cpu")
     assert (procs.device, procs.main, procs.distributed) == (torch.device("cpu"), True, False)
     assert evaluation_processes("auto").device.type == ("cuda" if torch.cuda.is_available() else "cpu")
@@ -77,6 +78,11 @@ def test_launched_evaluation_takes_its_share(monkeypatch, size_var):
     monkeypatch.setattr(distributed, "process_state", lambda: state)
     procs = evaluation_processes("cpu")
     assert (procs.device, procs.main, procs.distributed) == (torch.device("cpu"), False, True)
+    # Launched, but the processes did not form one group (mpirun with GPUs): refused, not run N times over.
+    monkeypatch.setattr(distributed, "process_state", lambda: SimpleNamespace(device="cpu", is_main_process=True,
+                                                                              num_processes=1))  # fmt: skip
+    with pytest.raises(InputError, match="did not join one group"):
+        evaluation_processes("cpu")
 
 
 def test_prior_commands_check_their_input(tmp_path):

@@ -311,8 +311,9 @@ def _fail(e: BaseException, status: int) -> None:
 
 def entry() -> None:
     """The `vqim` command and `python -m vqim.cli`: `main`, and in a process of a multi-process launch, the end
-    of the process through `vqim.distributed.leave` with the status the command ended with (a traceback is
-    printed first, as Python would). `main` itself returns, for callers in a process of their own."""
+    of the process through `vqim.distributed.leave` with the status the command ended with (an unexpected error
+    prints its traceback first, as Python would, and ends with 1; an interrupt with 130, as shells report it).
+    `main` itself returns, for callers in a process of their own."""
     if not launched():
         main()
         return

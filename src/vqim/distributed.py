@@ -1,4 +1,5 @@
-"""The processes of a run: one, or several under `accelerate launch` / torchrun (GPUs, or CPU with gloo)."""
+"""The processes of a run: one, or several under `accelerate launch` / torchrun (GPUs, or CPU with gloo), or
+mpirun (CPU, as Accelerate supports it)."""
 
 from __future__ import annotations
 
@@ -17,27 +18,44 @@ def process_state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
-# Where launchers put the process count and this process's rank (torchrun and `accelerate launch`; MPI's, which
-# Accelerate copies to WORLD_SIZE / RANK only once it starts): the first that is set counts.
-_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
-_RANK_VARS = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
+# Where launchers put the process count and this process's rank: torchrun and `accelerate launch`, then MPI's
+# (Accelerate copies those to WORLD_SIZE / RANK only once it starts). The first launcher whose count is set counts.
+_LAUNCHER_VARS = (
+    ("WORLD_SIZE", "RANK"),
+    ("PMI_SIZE", "PMI_RANK"),
+    ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"),
+    ("MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_RANK"),
+)
 
 
-def _launcher_int(names: tuple[str, ...], default: int) -> int:
-    for name in names:
-        if os.environ.get(name):
-            return int(os.environ[name])
-    return default
+def _count(name: str) -> int | None:
+    """The environment variable `name` as a count or rank; None where unset, negative or not an integer (as
+    Accelerate, which reads a negative value as unset; a launch that needs it fails there with its own error)."""
+    try:
+        value = int(os.environ.get(name, "").strip())
+    except ValueError:
+        return None
+    return value if value >= 0 else None
+
+
+def _launch() -> tuple[int, int]:
+    """(processes, this process's rank) as the launcher set them; (1, 0) when not launched."""
+    for size_var, rank_var in _LAUNCHER_VARS:
+        size = _count(size_var)
+        if size is not None:
+            return size, _count(rank_var) or 0
+    return 1, 0
 
 
 def launched() -> bool:
-    """Whether this process is one of several started by a launcher (`accelerate launch`, torchrun, mpirun)."""
-    return _launcher_int(_SIZE_VARS, 1) > 1
+    """Whether this process is one of several started by a launcher (`accelerate launch`, torchrun; mpirun)."""
+    return _launch()[0] > 1
 
 
 def first_process() -> bool:
-    """Whether this is the only process, or the first (rank 0) of a launch."""
-    return _launcher_int(_RANK_VARS, 0) == 0
+    """Whether this process is the only one, or the first (rank 0) of a launch."""
+    size, rank = _launch()
+    return size <= 1 or rank == 0
 
 
 def leave(status: int = 0) -> None:

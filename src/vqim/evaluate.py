@@ -269,7 +269,8 @@ class Processes:
 
 
 def evaluation_processes(device: str | torch.device = "auto") -> Processes:
-    """One process on `device`, or, under a launch (`accelerate launch`, torchrun, mpirun), this process's share.
+    """One process on `device`, or, under a launch (`accelerate launch`, torchrun; mpirun on CPU), this process's
+    share.
 
     Launched, every process joins the group (gloo on CPU-only machines, as the trainers do: Accelerate's
     `cpu=True`) and evaluates on the device the launcher gave it; only the main process should write.
@@ -278,6 +279,11 @@ def evaluation_processes(device: str | torch.device = "auto") -> Processes:
 
     if distributed.launched():
         state = distributed.process_state()
+        if state.num_processes == 1:  # every process would evaluate everything and write the same files
+            raise InputError(
+                "this process was launched as one of several, but the processes did not join one group (mpirun "
+                "with GPUs, which Accelerate does not support); launch with `accelerate launch` or torchrun"
+            )
         return Processes(torch.device(state.device), state.is_main_process, state.num_processes > 1)
     return Processes(resolve_device(device))
 
