@@ -127,7 +127,8 @@ def main() -> None:
     flops: dict[str, int] = {}
     for key, n in count_flops(step).items():
         if key != "total":
-            flops[flop_class(key)] = flops.get(flop_class(key), 0) + n
+            c = flop_class(key)
+            flops[c] = flops.get(c, 0) + n
     seconds: dict[str, float] = {}
     unprofiled, profiled = [], []
     with Limits("cpu", shape=(8 * 256, 256, 1024)) as lim:

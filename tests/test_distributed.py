@@ -160,8 +160,15 @@ def test_two_process_encode_and_prior_training_equal_one_process(tmp_path):
 def _launch_env(**env: str) -> dict:
     """This environment with a launcher's variables as given, and none left over from the one that runs the tests
     (a process told its rank and a rendezvous address would wait for peers that never start)."""
-    names = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PMI_SIZE",
-             "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_RANK")  # fmt: skip
+    from vqim.distributed import LAUNCHER_VARS
+
+    names = {
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        *(v for pair in LAUNCHER_VARS for v in pair),
+    }
     base = {k: v for k, v in os.environ.items() if k not in names and not k.startswith("ACCELERATE_")}
     return {**base, "OMP_NUM_THREADS": "1", **env}
 

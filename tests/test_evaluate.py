@@ -55,9 +55,15 @@ def test_reconstruct_files_writes_pairs_and_psnr(tmp_path):
         reconstruct_files(tok, [str(tmp_path / "missing.png")], tmp_path / "out")
 
 
+def _not_launched(monkeypatch) -> None:
+    from vqim.distributed import LAUNCHER_VARS
+
+    for size_var, _ in LAUNCHER_VARS:
+        monkeypatch.delenv(size_var, raising=False)
+
+
 def test_one_process_evaluation(monkeypatch):
-    for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"):
-        monkeypatch.delenv(name, raising=False)
+    _not_launched(monkeypatch)
     procs = evaluation_processes("cpu")
     assert (procs.device, procs.main, procs.distributed) == (torch.device("cpu"), True, False)
     assert evaluation_processes("auto").device.type == ("cuda" if torch.cuda.is_available() else "cpu")
@@ -71,8 +77,7 @@ def test_launched_evaluation_takes_its_share(monkeypatch, size_var):
 
     from vqim import distributed
 
-    for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"):
-        monkeypatch.delenv(name, raising=False)
+    _not_launched(monkeypatch)
     monkeypatch.setenv(size_var, "2")
     state = SimpleNamespace(device="cpu", is_main_process=False, num_processes=2)
     monkeypatch.setattr(distributed, "process_state", lambda: state)

@@ -20,7 +20,7 @@ def process_state():
 
 # Where launchers put the process count and this process's rank: torchrun and `accelerate launch`, then MPI's
 # (Accelerate copies those to WORLD_SIZE / RANK only once it starts). The first launcher whose count is set counts.
-_LAUNCHER_VARS = (
+LAUNCHER_VARS = (
     ("WORLD_SIZE", "RANK"),
     ("PMI_SIZE", "PMI_RANK"),
     ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"),
@@ -40,7 +40,7 @@ def _count(name: str) -> int | None:
 
 def _launch() -> tuple[int, int]:
     """(processes, this process's rank) as the launcher set them; (1, 0) when not launched."""
-    for size_var, rank_var in _LAUNCHER_VARS:
+    for size_var, rank_var in LAUNCHER_VARS:
         size = _count(size_var)
         if size is not None:
             return size, _count(rank_var) or 0
